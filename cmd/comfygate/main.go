@@ -1,0 +1,112 @@
+// Command comfygate is an API-key front door for ComfyUI: it stands in front
+// of an unmodified ComfyUI server, checks API keys, answers /health, and
+// passes everything else through unchanged.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+
+	"github.com/comfygate/comfygate/internal/config"
+	"github.com/comfygate/comfygate/internal/server"
+)
+
+// version is set at build time: go build -ldflags "-X main.version=v1.2.3".
+var version = ""
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.LookupEnv, os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "comfygate:", err)
+		var cfgErr *config.Error
+		if errors.As(err, &cfgErr) {
+			os.Exit(2)
+		}
+		os.Exit(1)
+	}
+}
+
+// run is comfygate without the process: it returns when ctx is done and the
+// server has shut down, or at once on a configuration error.
+func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) error {
+	cfg, err := config.Load(args, lookupEnv)
+	switch {
+	case errors.Is(err, config.ErrHelp):
+		config.Usage(stdout)
+		return nil
+	case errors.Is(err, config.ErrVersion):
+		fmt.Fprintln(stdout, "comfygate", Version())
+		return nil
+	case err != nil:
+		return err
+	}
+
+	logger := newLogger(cfg, stderr)
+	for _, w := range cfg.Warnings {
+		logger.Warn(w)
+	}
+	if cfg.CheckConfig {
+		fmt.Fprintf(stdout, "configuration OK: %d key(s), upstream %s, listening on %s\n",
+			len(cfg.Keys), cfg.Upstream.Redacted(), strings.Join(cfg.Addrs(), ", "))
+		return nil
+	}
+
+	srv := server.New(cfg, logger, Version())
+	lns, err := srv.Listen()
+	if err != nil {
+		return err
+	}
+	scheme := "http"
+	if cfg.TLS() {
+		scheme = "https"
+	}
+	for _, ln := range lns {
+		logger.Info("comfygate listening",
+			"url", scheme+"://"+ln.Addr().String(),
+			"upstream", cfg.Upstream.Redacted(),
+			"auth", cfg.AuthEnabled(),
+			"keys", len(cfg.Keys),
+			"protect_ws", cfg.ProtectWS,
+			"version", Version())
+	}
+	return srv.Serve(ctx, lns)
+}
+
+func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
+	var level slog.Level
+	level.UnmarshalText([]byte(cfg.LogLevel)) // validated by config.Load
+	opts := &slog.HandlerOptions{Level: level}
+	if cfg.LogFormat == "text" {
+		return slog.New(slog.NewTextHandler(w, opts))
+	}
+	return slog.New(slog.NewJSONHandler(w, opts))
+}
+
+// Version is the build's version: the -X value, else the module version or
+// VCS revision Go recorded, else "dev".
+func Version() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		if v := bi.Main.Version; v != "" && v != "(devel)" {
+			return v
+		}
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				return "dev-" + s.Value[:12]
+			}
+		}
+	}
+	return "dev"
+}

@@ -1,0 +1,165 @@
+package auth
+
+import (
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// Where a credential was found. These strings appear in logs and metrics.
+const (
+	SourceBearer = "bearer"        // Authorization: Bearer KEY
+	SourceHeader = "x-api-key"     // X-API-Key: KEY
+	SourceQuery  = "query"         // ?api_key=KEY
+	SourceToken  = "query-token"   // ?token=KEY (ComfyUI-Login clients)
+	SourceOther  = "authorization" // an Authorization header with another scheme
+)
+
+// Query parameters that carry a key. "token" is what clients written for the
+// ComfyUI-Login plugin send.
+var queryKeyParams = [...]string{"api_key", "token"}
+
+// A Credential is one key-like value found in a request. Value is empty when
+// the credential was present but malformed (an unknown Authorization scheme,
+// undecodable percent-encoding); such a credential never matches a key.
+type Credential struct {
+	Source string
+	Value  string
+}
+
+// Credentials returns every credential r carries: each Authorization header,
+// each X-API-Key header, and each api_key or token query parameter.
+func Credentials(r *http.Request) []Credential {
+	var creds []Credential
+	for _, v := range r.Header.Values("Authorization") {
+		creds = append(creds, parseAuthorization(v))
+	}
+	for _, v := range r.Header.Values("X-Api-Key") {
+		creds = append(creds, Credential{Source: SourceHeader, Value: v})
+	}
+	if r.URL != nil && r.URL.RawQuery != "" {
+		creds = appendQueryCredentials(creds, r.URL.RawQuery)
+	}
+	return creds
+}
+
+// parseAuthorization reads "Bearer KEY"; the scheme is case-insensitive
+// (RFC 9110 section 11.1) and may be followed by several spaces.
+func parseAuthorization(v string) Credential {
+	scheme, rest, ok := strings.Cut(strings.TrimSpace(v), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return Credential{Source: SourceOther}
+	}
+	return Credential{Source: SourceBearer, Value: strings.TrimLeft(rest, " ")}
+}
+
+// appendQueryCredentials splits the query on '&' only, as ComfyUI's aiohttp
+// does, and decodes each name before comparing, so "api%5Fkey" is caught too.
+func appendQueryCredentials(creds []Credential, rawQuery string) []Credential {
+	for rest := rawQuery; rest != ""; {
+		var pair string
+		pair, rest, _ = strings.Cut(rest, "&")
+		src, ok := queryCredentialName(pair)
+		if !ok {
+			continue
+		}
+		_, rawVal, _ := strings.Cut(pair, "=")
+		val, err := url.QueryUnescape(rawVal)
+		if err != nil {
+			val = ""
+		}
+		creds = append(creds, Credential{Source: src, Value: val})
+	}
+	return creds
+}
+
+// queryCredentialName reports whether the query pair's name is a key parameter.
+func queryCredentialName(pair string) (source string, ok bool) {
+	rawName, _, _ := strings.Cut(pair, "=")
+	if rawName == "" {
+		return "", false
+	}
+	name := rawName
+	if strings.ContainsAny(rawName, "%+") {
+		var err error
+		if name, err = url.QueryUnescape(rawName); err != nil {
+			return "", false
+		}
+	}
+	switch name {
+	case queryKeyParams[0]:
+		return SourceQuery, true
+	case queryKeyParams[1]:
+		return SourceToken, true
+	}
+	return "", false
+}
+
+// hasQueryCredential is a cheap pre-check that avoids rebuilding queries
+// that cannot hold a credential.
+func hasQueryCredential(rawQuery string) bool {
+	if rawQuery == "" {
+		return false
+	}
+	return strings.Contains(rawQuery, "api") || strings.Contains(rawQuery, "token") ||
+		strings.Contains(rawQuery, "%") || strings.Contains(rawQuery, "+")
+}
+
+// Strip removes every credential from r in place: the Authorization and
+// X-API-Key headers and the api_key and token query parameters. The other
+// query parameters keep their exact encoding and order. It is meant for the
+// outbound copy of a request (httputil.ProxyRequest.Out), never for the
+// request a handler was given.
+func Strip(r *http.Request) {
+	r.Header.Del("Authorization")
+	r.Header.Del("X-Api-Key")
+	if r.URL != nil && hasQueryCredential(r.URL.RawQuery) {
+		r.URL.RawQuery = filterQuery(r.URL.RawQuery, func(pair string) string { return "" })
+		if r.URL.RawQuery == "" {
+			r.URL.ForceQuery = false
+		}
+	}
+}
+
+// RedactQuery returns rawQuery with the value of every key parameter replaced
+// by "REDACTED", for logs.
+func RedactQuery(rawQuery string) string {
+	if !hasQueryCredential(rawQuery) {
+		return rawQuery
+	}
+	return filterQuery(rawQuery, func(pair string) string {
+		name, _, _ := strings.Cut(pair, "=")
+		return name + "=REDACTED"
+	})
+}
+
+// filterQuery rebuilds rawQuery, replacing each credential pair by
+// replace(pair); an empty replacement drops the pair.
+func filterQuery(rawQuery string, replace func(pair string) string) string {
+	var b strings.Builder
+	b.Grow(len(rawQuery))
+	first := true
+	for rest := rawQuery; ; {
+		pair, after, more := strings.Cut(rest, "&")
+		if _, isCred := queryCredentialName(pair); isCred {
+			pair = replace(pair)
+			if pair == "" {
+				if !more {
+					break
+				}
+				rest = after
+				continue
+			}
+		}
+		if !first {
+			b.WriteByte('&')
+		}
+		b.WriteString(pair)
+		first = false
+		if !more {
+			break
+		}
+		rest = after
+	}
+	return b.String()
+}

@@ -1,0 +1,170 @@
+// Package proxy forwards requests to ComfyUI: plain HTTP, streamed bodies and
+// WebSocket upgrades, with credentials removed on the way out and a registry
+// of upgraded connections so that shutdown can close them cleanly.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/jsonerr"
+)
+
+// Options configure a Proxy. The zero value works: no body limit, no
+// credential stripping, the default timeouts.
+type Options struct {
+	// StripCredentials removes the Authorization and X-API-Key headers and
+	// the api_key and token query parameters from every outbound request.
+	// Set it whenever keys are configured.
+	StripCredentials bool
+	// MaxBodyBytes caps request bodies; larger ones get 413. 0 means no cap.
+	MaxBodyBytes int64
+	// DialTimeout bounds connecting to ComfyUI. Default 5s.
+	DialTimeout time.Duration
+	// ResponseHeaderTimeout bounds the wait for ComfyUI's response headers
+	// once the request is sent; 0 means no limit. Bodies and WebSockets are
+	// never timed out: a download or a generation may take very long.
+	ResponseHeaderTimeout time.Duration
+	// Transport overrides the transport (tests). Nil means a tuned clone of
+	// http.DefaultTransport.
+	Transport http.RoundTripper
+	// Logger receives upstream errors. Nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// Proxy is an http.Handler that forwards to one ComfyUI server.
+type Proxy struct {
+	target  *url.URL
+	opts    Options
+	log     *slog.Logger
+	rp      *httputil.ReverseProxy
+	streams streams
+}
+
+// New returns a Proxy for target, a ComfyUI base URL such as
+// http://127.0.0.1:8189.
+func New(target *url.URL, opts Options) *Proxy {
+	if opts.DialTimeout == 0 {
+		opts.DialTimeout = 5 * time.Second
+	}
+	p := &Proxy{target: target, opts: opts, log: opts.Logger}
+	if p.log == nil {
+		p.log = slog.Default()
+	}
+	transport := opts.Transport
+	if transport == nil {
+		transport = NewTransport(opts.DialTimeout, opts.ResponseHeaderTimeout)
+	}
+	p.rp = &httputil.ReverseProxy{
+		Rewrite:      p.rewrite,
+		Transport:    transport,
+		BufferPool:   bufferPool{},
+		ErrorHandler: p.errorHandler,
+		ErrorLog:     slog.NewLogLogger(p.log.Handler(), slog.LevelWarn),
+	}
+	return p
+}
+
+// NewTransport returns the transport used to reach ComfyUI: a clone of
+// http.DefaultTransport with a connection pool sized for a proxy, and
+// without transparent compression, so bodies pass through exactly as sent.
+func NewTransport(dialTimeout, responseHeaderTimeout time.Duration) *http.Transport {
+	t := http.DefaultTransport.(*http.Transport).Clone()
+	t.DialContext = (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext
+	t.MaxIdleConns = 512
+	t.MaxIdleConnsPerHost = 256
+	t.IdleConnTimeout = 90 * time.Second
+	t.ResponseHeaderTimeout = responseHeaderTimeout
+	t.DisableCompression = true
+	t.ForceAttemptHTTP2 = false // ComfyUI (aiohttp) speaks HTTP/1.1
+	return t
+}
+
+// ServeHTTP forwards r to ComfyUI.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if max := p.opts.MaxBodyBytes; max > 0 && r.Body != nil && r.Body != http.NoBody {
+		if r.ContentLength > max {
+			tooLarge(w, max)
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, max)
+	}
+	if r.Header.Get("Upgrade") != "" {
+		w = &hijackTracker{ResponseWriter: w, s: &p.streams}
+	}
+	p.rp.ServeHTTP(w, r)
+}
+
+// rewrite builds the outbound request. The inbound Host is kept, so ComfyUI's
+// own Host/Origin check sees exactly what the browser sent: a browser on
+// http://127.0.0.1:8188 keeps passing it, and a foreign page is still refused.
+// Rewriting Host to the upstream address would make every same-origin browser
+// POST and WebSocket look cross-origin to ComfyUI.
+func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
+	pr.SetURL(p.target)
+	pr.Out.Host = pr.In.Host
+	// The inbound Forwarded and X-Forwarded-* headers are already gone
+	// (ReverseProxy removes them before Rewrite); set fresh ones.
+	pr.SetXForwarded()
+	pr.Out.Header.Del("X-Real-Ip")
+	if p.opts.StripCredentials {
+		auth.Strip(pr.Out)
+	}
+}
+
+// errorHandler answers when ComfyUI could not be reached or the exchange
+// failed before a response began.
+func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	var maxErr *http.MaxBytesError
+	switch {
+	case errors.As(err, &maxErr):
+		tooLarge(w, maxErr.Limit)
+	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+		// The client went away; nobody is listening. Record 499 as nginx does.
+		w.WriteHeader(499)
+	case isTimeout(err):
+		p.log.Warn("upstream timeout", "method", r.Method, "path", r.URL.Path, "err", err)
+		jsonerr.Write(w, http.StatusGatewayTimeout, "upstream_timeout", "ComfyUI did not answer in time")
+	default:
+		p.log.Warn("upstream error", "method", r.Method, "path", r.URL.Path, "err", err)
+		jsonerr.Write(w, http.StatusBadGateway, "upstream_unavailable", "ComfyUI is not reachable")
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
+func tooLarge(w http.ResponseWriter, max int64) {
+	w.Header().Set("Connection", "close")
+	jsonerr.Write(w, http.StatusRequestEntityTooLarge, "request_too_large",
+		"the request body is larger than the gateway allows (--max-upload-size)")
+}
+
+// CloseStreams ends every proxied WebSocket: each client gets a close frame
+// with code 1001 (going away) and both connections are closed. It returns
+// when all are closed or ctx is done.
+func (p *Proxy) CloseStreams(ctx context.Context) { p.streams.closeAll(ctx) }
+
+// OpenStreams reports how many upgraded connections are open.
+func (p *Proxy) OpenStreams() int { return p.streams.len() }
+
+// bufferPool reuses the 32 KiB copy buffers ReverseProxy would otherwise
+// allocate for every response.
+type bufferPool struct{}
+
+var buffers = sync.Pool{New: func() any { b := make([]byte, 32*1024); return &b }}
+
+func (bufferPool) Get() []byte  { return *(buffers.Get().(*[]byte)) }
+func (bufferPool) Put(b []byte) { buffers.Put(&b) }
+
+var _ http.Handler = (*Proxy)(nil)

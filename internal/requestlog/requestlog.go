@@ -1,0 +1,140 @@
+// Package requestlog writes one structured log line per request and carries
+// the per-request facts that inner handlers learn (which key was used) out to
+// that line.
+package requestlog
+
+import (
+	"bufio"
+	"context"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+)
+
+// Scope holds facts about one request that inner layers fill in and the
+// access log reads after the request is done. It is not safe for use by
+// several goroutines at once; a request's handlers run one after another.
+type Scope struct {
+	// KeyName names the API key that authenticated the request ("" if none).
+	KeyName string
+	// AuthFailure says why authentication failed ("missing", "invalid"), or "".
+	AuthFailure string
+}
+
+type scopeKey struct{}
+
+// ScopeFrom returns the request's Scope. Outside a Middleware it returns a
+// throwaway Scope, so callers never need a nil check.
+func ScopeFrom(ctx context.Context) *Scope {
+	if s, ok := ctx.Value(scopeKey{}).(*Scope); ok {
+		return s
+	}
+	return &Scope{}
+}
+
+// Redactor rewrites a raw query string for logging, hiding credentials.
+type Redactor func(rawQuery string) string
+
+// Middleware logs one line per request at level Info on logger, after the
+// request is done: method, path (query redacted by redact), status, bytes
+// written, duration, client address and key name. A WebSocket is logged when
+// it closes, with status 101 and its lifetime as the duration.
+func Middleware(logger *slog.Logger, redact Redactor) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			start := time.Now()
+			scope := &Scope{}
+			rec := &recorder{ResponseWriter: w}
+			path, query := r.URL.Path, r.URL.RawQuery
+			method, remote := r.Method, r.RemoteAddr
+			// Log in a defer: ReverseProxy aborts a response whose upstream
+			// body fails midway with a panic (http.ErrAbortHandler), and
+			// that request deserves its line too.
+			defer func() {
+				if query != "" {
+					path += "?" + redact(query)
+				}
+				status := rec.status
+				if status == 0 {
+					status = http.StatusOK
+				}
+				attrs := []slog.Attr{
+					slog.String("method", method),
+					slog.String("path", path),
+					slog.Int("status", status),
+					slog.Int64("bytes", rec.bytes),
+					slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
+					slog.String("client", clientIP(remote)),
+				}
+				if scope.KeyName != "" {
+					attrs = append(attrs, slog.String("key", scope.KeyName))
+				}
+				if scope.AuthFailure != "" {
+					attrs = append(attrs, slog.String("auth_failure", scope.AuthFailure))
+				}
+				if p := recover(); p != nil {
+					attrs = append(attrs, slog.Bool("aborted", true))
+					logger.LogAttrs(r.Context(), slog.LevelWarn, "request", attrs...)
+					panic(p)
+				}
+				logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
+			}()
+			next.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), scopeKey{}, scope)))
+		})
+	}
+}
+
+func clientIP(remoteAddr string) string {
+	if host, _, err := net.SplitHostPort(remoteAddr); err == nil {
+		return host
+	}
+	return remoteAddr
+}
+
+// recorder notes the status and size of a response. It passes Flush and
+// Hijack through and has Unwrap, so streaming responses and WebSocket
+// upgrades work through it.
+type recorder struct {
+	http.ResponseWriter
+	status int
+	bytes  int64
+}
+
+func (r *recorder) WriteHeader(code int) {
+	if r.status == 0 || (r.status >= 100 && r.status < 200 && code >= 200) {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recorder) Write(p []byte) (int, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	n, err := r.ResponseWriter.Write(p)
+	r.bytes += int64(n)
+	return n, err
+}
+
+func (r *recorder) Flush() {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	http.NewResponseController(r.ResponseWriter).Flush()
+}
+
+func (r *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(r.ResponseWriter).Hijack()
+	if err == nil {
+		r.status = http.StatusSwitchingProtocols
+	}
+	return conn, brw, err
+}
+
+func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+var (
+	_ http.Flusher  = (*recorder)(nil)
+	_ http.Hijacker = (*recorder)(nil)
+)
