@@ -115,7 +115,7 @@ func canonicalPath(escapedPath string) (string, bool) {
 			d, ok := unhex2(escapedPath[i+1], escapedPath[i+2])
 			// Encoded separators, dots, '%' and anything non-printable are
 			// where routers disagree; refuse them.
-			if !ok || d == '/' || d == '\\' || d == '.' || d == '%' || d == ';' || d <= 0x20 || d >= 0x7f {
+			if !ok || d == '/' || d == '\\' || d == '.' || d == '%' || d == ';' || d < 0x20 || d >= 0x7f {
 				return "", false
 			}
 		}

@@ -1,0 +1,401 @@
+package auth
+
+import (
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+const (
+	goodKey  = "0123456789abcdef0123456789abcdef"
+	otherKey = "fedcba9876543210fedcba9876543210"
+)
+
+func TestKeySetLookup(t *testing.T) {
+	ks := NewKeySet(NewKey("first", goodKey), NewKey("second", otherKey), NewKey("dup", goodKey))
+	tests := []struct {
+		candidate string
+		wantName  string
+		wantOK    bool
+	}{
+		{goodKey, "first", true},
+		{otherKey, "second", true},
+		{goodKey[:31], "", false},
+		{goodKey + "0", "", false},
+		{strings.ToUpper(goodKey), "", false},
+		{"", "", false},
+		{strings.Repeat("a", maxKeyLen+1), "", false},
+	}
+	for _, tt := range tests {
+		name, ok := ks.Lookup(tt.candidate)
+		if name != tt.wantName || ok != tt.wantOK {
+			t.Errorf("Lookup(%.10q…) = %q, %v; want %q, %v", tt.candidate, name, ok, tt.wantName, tt.wantOK)
+		}
+	}
+	if got := ks.Len(); got != 2 {
+		t.Errorf("Len() = %d; want 2 (duplicates collapse)", got)
+	}
+	var empty *KeySet
+	if empty.Enabled() {
+		t.Error("nil KeySet is enabled")
+	}
+	if _, ok := empty.Lookup(goodKey); ok {
+		t.Error("nil KeySet matched a key")
+	}
+}
+
+func TestCheckSecret(t *testing.T) {
+	tests := []struct {
+		secret string
+		want   error
+	}{
+		{goodKey, nil},
+		{"short", nil}, // short keys only warn
+		{"", ErrEmptyKey},
+		{"abc def", ErrKeySpace},
+		{"abc\tdef", ErrKeySpace},
+		{"abc\x00def", ErrKeyControl},
+		{"abc\x7fdef", ErrKeyControl},
+		{"abc\ndef", ErrKeyControl},
+		{"clé-secrète-très-longue", ErrKeyASCII},
+		{strings.Repeat("k", maxKeyLen+1), ErrKeyLong},
+	}
+	for _, tt := range tests {
+		if got := CheckSecret(tt.secret); !errors.Is(got, tt.want) {
+			t.Errorf("CheckSecret(%q) = %v; want %v", tt.secret, got, tt.want)
+		}
+	}
+}
+
+func TestParseKeyFile(t *testing.T) {
+	tests := []struct {
+		name      string
+		file      string
+		wantNames []string
+		wantErrs  []string // substrings, one per bad line
+	}{
+		{"one key from echo", goodKey + "\n", []string{"key-1"}, nil},
+		{"no trailing newline", goodKey, []string{"key-1"}, nil},
+		{"comments blanks and spaces", "# team keys\n\n  " + goodKey + "  \r\n\t" + otherKey + "\n", []string{"key-1", "key-2"}, nil},
+		{"byte order mark", "\ufeff" + goodKey + "\n", []string{"key-1"}, nil},
+		{"every bad line reported", "ok-key-ok-key-ok-key\nbad key\n\nnon-ascii-é\n", nil, []string{"line 2: key contains whitespace", "line 4: key contains a non-ASCII"}},
+		{"control character", "abc\x01def\n", nil, []string{"line 1: key contains a control character"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			keys, err := ParseKeyFile(strings.NewReader(tt.file))
+			if len(tt.wantErrs) > 0 {
+				if err == nil {
+					t.Fatalf("ParseKeyFile succeeded; want errors %q", tt.wantErrs)
+				}
+				for _, w := range tt.wantErrs {
+					if !strings.Contains(err.Error(), w) {
+						t.Errorf("error %q does not contain %q", err, w)
+					}
+				}
+				for _, secret := range []string{"bad key", "non-ascii-é", "abc\x01def"} {
+					if strings.Contains(err.Error(), secret) {
+						t.Errorf("error %q echoes the key text %q", err, secret)
+					}
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, k := range keys {
+				names = append(names, k.Name)
+			}
+			if diff := cmp.Diff(tt.wantNames, names); diff != "" {
+				t.Errorf("names (-want +got):\n%s", diff)
+			}
+			ks := NewKeySet(keys...)
+			if _, ok := ks.Lookup(goodKey); !ok {
+				t.Error("the key from the file does not match after trimming")
+			}
+		})
+	}
+}
+
+func TestCredentials(t *testing.T) {
+	tests := []struct {
+		name    string
+		headers map[string][]string
+		query   string
+		want    []Credential
+	}{
+		{"none", nil, "a=1", nil},
+		{"bearer", map[string][]string{"Authorization": {"Bearer " + goodKey}}, "", []Credential{{SourceBearer, goodKey}}},
+		{"bearer lower case, extra spaces", map[string][]string{"Authorization": {"bearer   " + goodKey}}, "", []Credential{{SourceBearer, goodKey}}},
+		{"BEARER upper case", map[string][]string{"Authorization": {"BEARER " + goodKey}}, "", []Credential{{SourceBearer, goodKey}}},
+		{"basic is not a key", map[string][]string{"Authorization": {"Basic dXNlcjpwYXNz"}}, "", []Credential{{SourceOther, ""}}},
+		{"bare token without scheme", map[string][]string{"Authorization": {goodKey}}, "", []Credential{{SourceOther, ""}}},
+		{"x-api-key", map[string][]string{"X-Api-Key": {goodKey}}, "", []Credential{{SourceHeader, goodKey}}},
+		{"two x-api-key headers", map[string][]string{"X-Api-Key": {goodKey, "wrong"}}, "", []Credential{{SourceHeader, goodKey}, {SourceHeader, "wrong"}}},
+		{"api_key query", nil, "clientId=1&api_key=" + goodKey, []Credential{{SourceQuery, goodKey}}},
+		{"token query", nil, "token=" + goodKey + "&x=1", []Credential{{SourceToken, goodKey}}},
+		{"encoded name", nil, "api%5Fkey=" + goodKey, []Credential{{SourceQuery, goodKey}}},
+		{"encoded value", nil, "api_key=a%2Bb", []Credential{{SourceQuery, "a+b"}}},
+		{"bad escape in value", nil, "api_key=%zz", []Credential{{SourceQuery, ""}}},
+		{"empty value", nil, "api_key=", []Credential{{SourceQuery, ""}}},
+		{"name only", nil, "api_key", []Credential{{SourceQuery, ""}}},
+		{"semicolon is not a separator", nil, "a=1;api_key=x", nil},
+		{"case matters like aiohttp", nil, "API_KEY=x&Token=y", nil},
+		{"everything at once", map[string][]string{"Authorization": {"Bearer a"}, "X-Api-Key": {"b"}}, "api_key=c&token=d",
+			[]Credential{{SourceBearer, "a"}, {SourceHeader, "b"}, {SourceQuery, "c"}, {SourceToken, "d"}}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := httptest.NewRequest("GET", "/prompt?"+tt.query, nil)
+			for k, vs := range tt.headers {
+				for _, v := range vs {
+					r.Header.Add(k, v)
+				}
+			}
+			if diff := cmp.Diff(tt.want, Credentials(r)); diff != "" {
+				t.Errorf("Credentials (-want +got):\n%s", diff)
+			}
+		})
+	}
+}
+
+func TestStripKeepsEverythingElse(t *testing.T) {
+	tests := []struct {
+		query, want string
+	}{
+		{"", ""},
+		{"api_key=k", ""},
+		{"filename=a%20b.png&api_key=k&type=output", "filename=a%20b.png&type=output"},
+		{"token=k&clientId=abc", "clientId=abc"},
+		{"clientId=abc&token=k", "clientId=abc"},
+		{"api%5fkey=k&subfolder=x%2Fy&&z", "subfolder=x%2Fy&&z"},
+		{"api_key=a&api_key=b&token=c", ""},
+		{"apikey=stays&tokens=stay", "apikey=stays&tokens=stay"},
+		{"a=1;api_key=x", "a=1;api_key=x"}, // one parameter for aiohttp, not a key
+	}
+	for _, tt := range tests {
+		r := httptest.NewRequest("GET", "/view?"+tt.query, nil)
+		r.Header.Set("Authorization", "Bearer k")
+		r.Header.Set("X-API-Key", "k")
+		r.Header.Set("Comfy-User", "me")
+		Strip(r)
+		if r.URL.RawQuery != tt.want {
+			t.Errorf("Strip(%q): query = %q; want %q", tt.query, r.URL.RawQuery, tt.want)
+		}
+		if got := Credentials(r); len(got) != 0 {
+			t.Errorf("Strip(%q) left credentials %v", tt.query, got)
+		}
+		if r.Header.Get("Comfy-User") != "me" {
+			t.Errorf("Strip removed an unrelated header")
+		}
+	}
+}
+
+func TestRedactQuery(t *testing.T) {
+	got := RedactQuery("clientId=1&api_key=s3cret&token=s3cret2&api%5Fkey=s3cret3")
+	want := "clientId=1&api_key=REDACTED&token=REDACTED&api%5Fkey=REDACTED"
+	if got != want {
+		t.Errorf("RedactQuery = %q; want %q", got, want)
+	}
+}
+
+// TestClassifyPathTricks pins the rule that a trick can only ever make a
+// public path protected, never a protected route public.
+func TestClassifyPathTricks(t *testing.T) {
+	tests := []struct {
+		method, path string
+		protectWS    bool
+		want         Access
+	}{
+		// Public as documented.
+		{"GET", "/", false, Public},
+		{"HEAD", "/", false, Public},
+		{"GET", "/ws", false, Public},
+		{"GET", "/api/ws", false, Public},
+		{"GET", "/assets/index-BxZ1.js", false, Public},
+		{"GET", "/assets/index-BxZ1.css", false, Public},
+		{"GET", "/extensions/core/clipspace.js", false, Public},
+		{"GET", "/extensions/my%20pack/widget.js", false, Public},
+		{"GET", "/scripts/api.js", false, Public},
+		{"GET", "/templates/index.json", false, Public},
+		{"GET", "/fonts/inter.woff2", false, Public},
+		{"GET", "/favicon.ico", false, Public},
+		{"OPTIONS", "/prompt", false, Protected}, // not a preflight: no Access-Control-Request-Method
+
+		// --protect-ws.
+		{"GET", "/ws", true, Protected},
+		{"GET", "/api/ws", true, Protected},
+
+		// Methods.
+		{"POST", "/", false, Protected},
+		{"POST", "/assets/index.js", false, Protected},
+		{"PUT", "/ws", false, Protected},
+		{"DELETE", "/extensions/core/x.js", false, Protected},
+		{"get", "/", false, Protected},
+
+		// API routes stay protected.
+		{"GET", "/prompt", false, Protected},
+		{"GET", "/api/prompt", false, Protected},
+		{"GET", "/api/", false, Protected},
+		{"GET", "/queue", false, Protected},
+		{"GET", "/view", false, Protected},
+		{"GET", "/system_stats", false, Protected},
+		{"GET", "/userdata/workflows%2Fa.json", false, Protected},
+		{"GET", "/api/userdata/comfy.settings.json", false, Protected},
+		{"GET", "/userdata/a.json", false, Protected},
+		{"GET", "/settings.json", false, Protected},
+		{"GET", "/manager/queue/start.js", false, Protected},
+		{"GET", "/internal/logs", false, Protected},
+		{"GET", "/custom_node_route", false, Protected},
+		{"GET", "/assets", false, Protected},
+		{"GET", "/assets/", false, Protected},
+		{"GET", "/assets/noext", false, Protected},
+		{"GET", "/assets/x.py", false, Protected},
+
+		// Dot segments, doubled and encoded slashes, encoded dots, backslashes, case.
+		{"GET", "/assets/../prompt", false, Protected},
+		{"GET", "/assets/../userdata/x.json", false, Protected},
+		{"GET", "/assets/./index.js", false, Protected},
+		{"GET", "/assets/%2e%2e/prompt.js", false, Protected},
+		{"GET", "/assets/%2E%2E/prompt.js", false, Protected},
+		{"GET", "/assets/.%2e/queue.js", false, Protected},
+		{"GET", "/assets%2f..%2fprompt.js", false, Protected},
+		{"GET", "/assets%2Findex.js", false, Protected},
+		{"GET", "/assets/..%2fprompt.js", false, Protected},
+		{"GET", "/assets/..\\prompt.js", false, Protected},
+		{"GET", "/assets\\..\\prompt.js", false, Protected},
+		{"GET", "/assets/%5c..%5cprompt.js", false, Protected},
+		{"GET", "//ws", false, Protected},
+		{"GET", "/ws/", false, Protected},
+		{"GET", "/ws/../prompt", false, Protected},
+		{"GET", "/./ws", false, Protected},
+		{"GET", "/%77s", false, Public}, // decodes to /ws, which is public anyway
+		{"GET", "/%77s", true, Protected},
+		{"GET", "/WS", false, Protected},
+		{"GET", "/Ws", false, Protected},
+		{"GET", "/ASSETS/index.js", false, Protected},
+		{"GET", "/assets//index.js", false, Protected},
+		{"GET", "/assets/index.js%00", false, Protected},
+		{"GET", "/assets/index.js;.css", false, Protected},
+		{"GET", "/assets/%25%32%65%25%32%65/prompt.js", false, Protected},
+		{"GET", "/favicon.ico/../prompt", false, Protected},
+		{"GET", "/prompt.js", false, Public}, // a root file: ComfyUI has no such route, static handler answers
+		{"GET", "/prompt.json", false, Protected},
+		{"GET", "", false, Protected},
+		{"GET", "*", false, Protected},
+		{"GET", "prompt", false, Protected},
+	}
+	for _, tt := range tests {
+		if got := Classify(tt.method, tt.path, http.Header{}, tt.protectWS); got != tt.want {
+			t.Errorf("Classify(%s %q, protectWS=%v) = %v; want %v", tt.method, tt.path, tt.protectWS, got, tt.want)
+		}
+	}
+}
+
+func TestClassifyPreflight(t *testing.T) {
+	h := http.Header{"Access-Control-Request-Method": {"POST"}, "Origin": {"https://app.example"}}
+	if got := Classify("OPTIONS", "/prompt", h, true); got != Preflight {
+		t.Errorf("Classify(preflight) = %v; want preflight", got)
+	}
+	if got := Classify("POST", "/prompt", h, false); got != Protected {
+		t.Errorf("POST with preflight headers = %v; want protected", got)
+	}
+}
+
+// routerView decodes a path the most permissive way any server might: every
+// escape decoded, backslashes as slashes, dot segments and doubled slashes
+// resolved. A public classification must mean the same route under it.
+func routerView(escaped string) string {
+	p, err := url.PathUnescape(escaped)
+	if err != nil {
+		p = escaped
+	}
+	p = strings.ReplaceAll(p, "\\", "/")
+	for strings.Contains(p, "//") {
+		p = strings.ReplaceAll(p, "//", "/")
+	}
+	return cleanPath(p)
+}
+
+func cleanPath(p string) string {
+	var out []string
+	for _, seg := range strings.Split(p, "/") {
+		switch seg {
+		case "", ".":
+		case "..":
+			if len(out) > 0 {
+				out = out[:len(out)-1]
+			}
+		default:
+			out = append(out, seg)
+		}
+	}
+	return "/" + strings.Join(out, "/")
+}
+
+func FuzzClassify(f *testing.F) {
+	for _, s := range []string{"/", "/ws", "/assets/index.js", "/assets/../prompt", "/assets/%2e%2e/prompt.js",
+		"/extensions/a%20b/c.js", "//ws", "/assets\\..\\x.js", "/favicon.ico", "/templates/index.json", "/%77s"} {
+		f.Add("GET", s)
+	}
+	f.Fuzz(func(t *testing.T, method, p string) {
+		if Classify(method, p, http.Header{}, false) != Public {
+			return
+		}
+		if method != "GET" && method != "HEAD" {
+			t.Fatalf("%s %q is public", method, p)
+		}
+		decoded, err := url.PathUnescape(p)
+		if err != nil {
+			t.Fatalf("%q is public but does not decode: %v", p, err)
+		}
+		if rv := routerView(p); rv != decoded && !(decoded == "/" && rv == "/") {
+			t.Fatalf("%q is public but a router could read it as %q", p, rv)
+		}
+		if Classify(method, p, http.Header{}, true) == Public && (decoded == "/ws" || decoded == "/api/ws") {
+			t.Fatalf("%q is public under protectWS", p)
+		}
+	})
+}
+
+func FuzzCredentials(f *testing.F) {
+	f.Add("Bearer k", "k", "api_key=k&token=t&x=1")
+	f.Add("bearer  k", "", "api%5Fkey=k")
+	f.Add("Basic x", "k", "a=1;api_key=x&&token")
+	f.Add("", "", "api_key=%zz&%zz=1")
+	f.Fuzz(func(t *testing.T, authz, xkey, query string) {
+		r := httptest.NewRequest("GET", "/prompt", nil)
+		r.URL.RawQuery = query
+		if authz != "" {
+			r.Header.Set("Authorization", authz)
+		}
+		if xkey != "" {
+			r.Header.Set("X-Api-Key", xkey)
+		}
+		creds := Credentials(r)
+		for _, c := range creds {
+			if c.Source == "" {
+				t.Fatalf("credential without source: %+v", c)
+			}
+		}
+		// Redaction leaves no credential value in place.
+		red := httptest.NewRequest("GET", "/prompt", nil)
+		red.URL.RawQuery = RedactQuery(query)
+		for _, c := range Credentials(red) {
+			if c.Value != "REDACTED" {
+				t.Fatalf("RedactQuery(%q) = %q leaves %+v", query, red.URL.RawQuery, c)
+			}
+		}
+		// Strip leaves nothing a key could travel in.
+		Strip(r)
+		if left := Credentials(r); len(left) != 0 {
+			t.Fatalf("Strip left %+v in query %q", left, r.URL.RawQuery)
+		}
+	})
+}
