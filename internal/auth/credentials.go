@@ -121,16 +121,43 @@ func Strip(r *http.Request) {
 	}
 }
 
-// RedactQuery returns rawQuery with the value of every key parameter replaced
-// by "REDACTED", for logs.
+// RedactQuery returns rawQuery for logs: the value of every key parameter,
+// and of any parameter whose name suggests a secret (key, token, secret,
+// password, auth, …), is replaced by "REDACTED". A key sent under the wrong
+// name is not a credential to the gateway, but it must not reach the logs.
 func RedactQuery(rawQuery string) string {
-	if !hasQueryCredential(rawQuery) {
+	if rawQuery == "" {
 		return rawQuery
 	}
-	return filterQuery(rawQuery, func(pair string) string {
+	var b strings.Builder
+	b.Grow(len(rawQuery))
+	for i, pair := range strings.Split(rawQuery, "&") {
+		if i > 0 {
+			b.WriteByte('&')
+		}
 		name, _, _ := strings.Cut(pair, "=")
-		return name + "=REDACTED"
-	})
+		if _, isCred := queryCredentialName(pair); isCred || secretLooking(name) {
+			b.WriteString(name + "=REDACTED")
+			continue
+		}
+		b.WriteString(pair)
+	}
+	return b.String()
+}
+
+// secretLooking reports whether a query parameter name suggests a secret.
+func secretLooking(rawName string) bool {
+	name, err := url.QueryUnescape(rawName)
+	if err != nil {
+		name = rawName
+	}
+	name = strings.ToLower(name)
+	for _, w := range [...]string{"key", "token", "secret", "pass", "auth", "sig", "credential", "session"} {
+		if strings.Contains(name, w) {
+			return true
+		}
+	}
+	return false
 }
 
 // filterQuery rebuilds rawQuery, replacing each credential pair by

@@ -1,0 +1,272 @@
+package server
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+
+	"github.com/comfygate/comfygate/internal/comfytest"
+	"github.com/comfygate/comfygate/internal/config"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// Test keys. The second one only ever appears in a key file.
+const (
+	testKey  = "k3y-0123456789abcdef0123456789ab"
+	testKey2 = "k3y-fedcba9876543210fedcba987654"
+)
+
+// gateway is comfygate serving on a real loopback listener in front of a
+// fake ComfyUI, with its log captured.
+type gateway struct {
+	URL    string // http://127.0.0.1:port
+	Addr   string // 127.0.0.1:port
+	Fake   *comfytest.Fake
+	Server *Server
+	logs   *syncBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// start runs comfygate with args (its --upstream defaults to a new fake
+// ComfyUI) and stops it at the end of the test.
+func start(t *testing.T, fakeOpts comfytest.Options, args ...string) *gateway {
+	t.Helper()
+	fake := comfytest.New(t, fakeOpts)
+	return startWith(t, fake, append([]string{"--upstream", fake.URL()}, args...)...)
+}
+
+func startWith(t *testing.T, fake *comfytest.Fake, args ...string) *gateway {
+	t.Helper()
+	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	logs := &syncBuffer{}
+	logger := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	srv := New(cfg, logger, "test")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g := &gateway{
+		Addr: ln.Addr().String(), Fake: fake, Server: srv, logs: logs,
+		cancel: cancel, done: make(chan error, 1),
+	}
+	scheme := "http"
+	if cfg.TLS() {
+		scheme = "https"
+	}
+	g.URL = scheme + "://" + g.Addr
+	go func() { g.done <- srv.Serve(ctx, []net.Listener{ln}) }()
+	t.Cleanup(func() { g.stop(t) })
+	return g
+}
+
+// stop shuts the gateway down and waits for Serve to return.
+func (g *gateway) stop(t *testing.T) error {
+	t.Helper()
+	g.cancel()
+	select {
+	case err, ok := <-g.done:
+		if ok {
+			close(g.done)
+		}
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatal("gateway did not shut down")
+		return nil
+	}
+}
+
+var client = &http.Client{
+	Transport: &http.Transport{MaxIdleConnsPerHost: 16, DisableCompression: true},
+	CheckRedirect: func(*http.Request, []*http.Request) error {
+		return http.ErrUseLastResponse
+	},
+}
+
+// do sends a request and returns the response with its body read.
+func do(t *testing.T, method, url string, body io.Reader, header ...string) (*http.Response, []byte) {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), method, url, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		if strings.EqualFold(header[i], "Host") {
+			req.Host = header[i+1]
+			continue
+		}
+		req.Header.Add(header[i], header[i+1])
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("%s %s: reading body: %v", method, url, err)
+	}
+	return resp, b
+}
+
+// rawRequest writes request-target exactly as given, so that paths Go's
+// client would clean or escape reach the gateway unchanged. It returns the
+// status code.
+func rawRequest(t *testing.T, addr, method, target string, header ...string) int {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	var b strings.Builder
+	b.WriteString(method + " " + target + " HTTP/1.1\r\nHost: " + addr + "\r\nConnection: close\r\n")
+	for i := 0; i+1 < len(header); i += 2 {
+		b.WriteString(header[i] + ": " + header[i+1] + "\r\n")
+	}
+	b.WriteString("\r\n")
+	if _, err := io.WriteString(conn, b.String()); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, target, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// deadAddr returns a loopback address that refuses connections.
+func deadAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// credentialsSeen lists every key-carrying header or parameter in what the
+// fake ComfyUI received.
+func credentialsSeen(fake *comfytest.Fake) []string {
+	var seen []string
+	for _, r := range fake.Requests() {
+		for _, h := range []string{"Authorization", "X-Api-Key"} {
+			if v := r.Header.Get(h); v != "" {
+				seen = append(seen, r.Method+" "+r.Path+": "+h)
+			}
+		}
+		for _, p := range strings.Split(r.RawQuery, "&") {
+			if strings.HasPrefix(p, "api_key=") || strings.HasPrefix(p, "token=") {
+				seen = append(seen, r.Method+" "+r.Path+": ?"+p)
+			}
+		}
+		for _, k := range []string{testKey, testKey2} {
+			if strings.Contains(r.RequestURI, k) || strings.Contains(string(r.Body), k) || headerHas(r.Header, k) {
+				seen = append(seen, r.Method+" "+r.Path+": key text")
+			}
+		}
+	}
+	return seen
+}
+
+func headerHas(h http.Header, s string) bool {
+	for _, vs := range h {
+		for _, v := range vs {
+			if strings.Contains(v, s) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// keyFile writes content to a private key file and returns its path.
+func keyFile(t *testing.T, content string) string {
+	t.Helper()
+	p := t.TempDir() + "/keys"
+	if err := os.WriteFile(p, []byte(content+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func loadConfig(t *testing.T, args ...string) *config.Config {
+	t.Helper()
+	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
+
+// selfSigned returns a PEM certificate and key valid for 127.0.0.1.
+func selfSigned(t *testing.T) (certPEM, keyPEM []byte) {
+	t.Helper()
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "comfygate test"},
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
+}
