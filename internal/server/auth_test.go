@@ -206,10 +206,16 @@ func TestPublicRoutesNeedNoKey(t *testing.T) {
 			t.Errorf("GET %s did not reach ComfyUI", p)
 		}
 	}
-	// A CORS preflight carries no key by design; ComfyUI answers it empty.
-	resp, _ := do(t, "OPTIONS", g.URL+"/api/prompt", nil, "Origin", "https://app.example", "Access-Control-Request-Method", "POST")
+	// A CORS preflight carries no key by design; ComfyUI answers it empty
+	// (after its own Host/Origin check, hence the public Host here).
+	g.Fake.Reset()
+	resp, _ := do(t, "OPTIONS", g.URL+"/api/prompt", nil, "Host", "comfy.example.com",
+		"Origin", "https://app.example", "Access-Control-Request-Method", "POST")
 	if resp.StatusCode != 200 {
 		t.Errorf("preflight: status %d; want 200", resp.StatusCode)
+	}
+	if r, ok := g.Fake.LastRequest(); !ok || r.Method != "OPTIONS" {
+		t.Error("preflight did not reach ComfyUI")
 	}
 	// /health never needs the key.
 	if resp, _ := do(t, "GET", g.URL+"/health", nil); resp.StatusCode != 200 {

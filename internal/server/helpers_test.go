@@ -270,3 +270,19 @@ func selfSigned(t *testing.T) (certPEM, keyPEM []byte) {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
 }
+
+func benchConfig(b *testing.B, args ...string) *config.Config {
+	b.Helper()
+	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
+	if err != nil {
+		b.Fatal(err)
+	}
+	return cfg
+}
+
+func writeFileB(b *testing.B, p, content string) {
+	b.Helper()
+	if err := os.WriteFile(p, []byte(content), 0o600); err != nil {
+		b.Fatal(err)
+	}
+}

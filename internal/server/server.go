@@ -32,12 +32,18 @@ type Server struct {
 
 // New builds the handler chain for cfg. version is reported by /health.
 func New(cfg *config.Config, logger *slog.Logger, version string) *Server {
+	return newServer(cfg, logger, version, nil)
+}
+
+// newServer is New with the transport to ComfyUI replaceable (benchmarks).
+func newServer(cfg *config.Config, logger *slog.Logger, version string, transport http.RoundTripper) *Server {
 	s := &Server{cfg: cfg, log: logger}
 	keys := auth.NewKeySet(cfg.Keys...)
 	s.proxy = proxy.New(cfg.Upstream, proxy.Options{
 		StripCredentials:      keys.Enabled(),
 		MaxBodyBytes:          cfg.MaxBodyBytes,
 		ResponseHeaderTimeout: cfg.UpstreamTimeout,
+		Transport:             transport,
 		Logger:                logger,
 	})
 	s.health = health.New(cfg.Upstream, health.Options{

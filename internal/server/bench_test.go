@@ -1,0 +1,190 @@
+package server
+
+import (
+	"bytes"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Benchmarks in two tiers (see docs/benchmarks.md):
+//
+//   BenchmarkChain_*  in process: the whole handler chain with a canned
+//                     upstream response, so only comfygate's own work counts.
+//   BenchmarkE2E_*    loopback: client -> comfygate -> upstream over real
+//                     TCP, against the same client going direct.
+//
+// Run: go test -run '^$' -bench . -benchmem -count 6 ./internal/server
+
+const smallJSON = `{"exec_info": {"queue_remaining": 0}}`
+
+// staticTransport answers every request with smallJSON without a network.
+type staticTransport struct{}
+
+func (staticTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Body != nil {
+		io.Copy(io.Discard, r.Body)
+		r.Body.Close()
+	}
+	return &http.Response{
+		StatusCode:    200,
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        http.Header{"Content-Type": {"application/json; charset=utf-8"}},
+		Body:          io.NopCloser(strings.NewReader(smallJSON)),
+		ContentLength: int64(len(smallJSON)),
+		Request:       r,
+	}, nil
+}
+
+func benchChain(b *testing.B, args []string, header http.Header) {
+	cfg := benchConfig(b, args...)
+	h := newServer(cfg, slog.New(slog.DiscardHandler), "bench", staticTransport{}).Handler()
+	req := httptest.NewRequest("GET", "http://127.0.0.1:8188/api/prompt?clientId=abc", nil)
+	req.Header = header
+	b.ReportAllocs()
+	for b.Loop() {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code != 200 {
+			b.Fatalf("status %d", w.Code)
+		}
+	}
+}
+
+func BenchmarkChain_NoKey(b *testing.B) {
+	benchChain(b, nil, http.Header{})
+}
+
+func BenchmarkChain_Bearer(b *testing.B) {
+	benchChain(b, []string{"--api-key-file", benchKeyFile(b)}, http.Header{"Authorization": {"Bearer " + testKey2}})
+}
+
+func BenchmarkChain_QueryKey(b *testing.B) {
+	cfg := benchConfig(b, "--api-key-file", benchKeyFile(b))
+	h := newServer(cfg, slog.New(slog.DiscardHandler), "bench", staticTransport{}).Handler()
+	req := httptest.NewRequest("GET", "http://127.0.0.1:8188/api/view?filename=a.png&type=output&api_key="+testKey2, nil)
+	b.ReportAllocs()
+	for b.Loop() {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+	}
+}
+
+// BenchmarkKeyCheck isolates the key check: Bearer against no key at all,
+// both with a canned upstream. The difference of the two Chain benchmarks
+// is the added cost of authentication (lookup, strip, scope).
+
+// E2E: a fast upstream, a real gateway, a real client.
+
+func fastUpstream(b *testing.B) *httptest.Server {
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json; charset=utf-8")
+		io.WriteString(w, smallJSON)
+	}))
+	srv.Config.ErrorLog = nil
+	srv.Start()
+	b.Cleanup(srv.Close)
+	return srv
+}
+
+func benchGateway(b *testing.B, upstream string, args ...string) string {
+	cfg := benchConfig(b, append([]string{"--upstream", upstream}, args...)...)
+	s := New(cfg, slog.New(slog.DiscardHandler), "bench")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := &http.Server{Handler: s.Handler()}
+	go srv.Serve(ln)
+	b.Cleanup(func() { srv.Close() })
+	return "http://" + ln.Addr().String()
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// e2e measures sequential requests (concurrency 1): per-request latency
+// percentiles and process CPU per request (client, gateway and upstream
+// together; subtract the Direct figure for the gateway's share).
+func e2e(b *testing.B, url string, header http.Header, body []byte) {
+	c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
+	b.Cleanup(c.CloseIdleConnections)
+	method := "GET"
+	if body != nil {
+		method = "POST"
+	}
+	lat := make([]time.Duration, 0, 1<<16)
+	cpu0 := cpuTime()
+	b.ResetTimer()
+	for b.Loop() {
+		var rd io.Reader
+		if body != nil {
+			rd = bytes.NewReader(body)
+		}
+		req, _ := http.NewRequest(method, url, rd)
+		req.Header = header.Clone()
+		t0 := time.Now()
+		resp, err := c.Do(req)
+		if err != nil {
+			b.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		lat = append(lat, time.Since(t0))
+		if resp.StatusCode != 200 {
+			b.Fatalf("status %d", resp.StatusCode)
+		}
+	}
+	b.StopTimer()
+	n := len(lat)
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[n/2].Microseconds()), "p50-µs")
+	b.ReportMetric(float64(lat[n*99/100].Microseconds()), "p99-µs")
+	b.ReportMetric(float64((cpuTime()-cpu0).Microseconds())/float64(n), "cpu-µs/op")
+}
+
+func BenchmarkE2E_Direct(b *testing.B) {
+	up := fastUpstream(b)
+	e2e(b, up.URL+"/api/prompt", http.Header{}, nil)
+}
+
+func BenchmarkE2E_GatewayNoKey(b *testing.B) {
+	up := fastUpstream(b)
+	gw := benchGateway(b, up.URL)
+	e2e(b, gw+"/api/prompt", http.Header{}, nil)
+}
+
+func BenchmarkE2E_GatewayKey(b *testing.B) {
+	up := fastUpstream(b)
+	gw := benchGateway(b, up.URL, "--api-key-file", benchKeyFile(b))
+	e2e(b, gw+"/api/prompt", http.Header{"X-Api-Key": {testKey2}}, nil)
+}
+
+func BenchmarkE2E_DirectPrompt50KB(b *testing.B) {
+	up := fastUpstream(b)
+	e2e(b, up.URL+"/api/prompt", http.Header{}, bytes.Repeat([]byte("x"), 50<<10))
+}
+
+func BenchmarkE2E_GatewayPrompt50KB(b *testing.B) {
+	up := fastUpstream(b)
+	gw := benchGateway(b, up.URL, "--api-key-file", benchKeyFile(b))
+	e2e(b, gw+"/api/prompt", http.Header{"X-Api-Key": {testKey2}}, bytes.Repeat([]byte("x"), 50<<10))
+}
+
+func benchKeyFile(b *testing.B) string {
+	p := b.TempDir() + "/keys"
+	writeFileB(b, p, testKey2+"\n")
+	return p
+}
