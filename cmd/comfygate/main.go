@@ -61,11 +61,28 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		return nil
 	}
 
-	srv := server.New(cfg, logger, Version())
+	srv, err := server.New(cfg, logger, Version(), stderr)
+	if err != nil {
+		return err
+	}
 	lns, err := srv.Listen()
 	if err != nil {
 		return err
 	}
+	// SIGHUP re-reads the key file at once (it is also watched).
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for {
+			select {
+			case <-hup:
+				srv.ReloadKeys()
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	scheme := "http"
 	if cfg.TLS() {
 		scheme = "https"

@@ -32,9 +32,9 @@ func TestKeySetLookup(t *testing.T) {
 		{strings.Repeat("a", maxKeyLen+1), "", false},
 	}
 	for _, tt := range tests {
-		name, ok := ks.Lookup(tt.candidate)
-		if name != tt.wantName || ok != tt.wantOK {
-			t.Errorf("Lookup(%.10q…) = %q, %v; want %q, %v", tt.candidate, name, ok, tt.wantName, tt.wantOK)
+		k, ok := ks.Lookup(tt.candidate)
+		if name := k.Name; name != tt.wantName || ok != tt.wantOK {
+			t.Errorf("Lookup(%.10q…) = %q, %v; want %q, %v", tt.candidate, k.Name, ok, tt.wantName, tt.wantOK)
 		}
 	}
 	if got := ks.Len(); got != 2 {
@@ -73,18 +73,33 @@ func TestCheckSecret(t *testing.T) {
 }
 
 func TestParseKeyFile(t *testing.T) {
+	type k struct {
+		Name  string
+		Scope Scope
+	}
 	tests := []struct {
-		name      string
-		file      string
-		wantNames []string
-		wantErrs  []string // substrings, one per bad line
+		name     string
+		file     string
+		want     []k
+		wantErrs []string // substrings, one per bad line
 	}{
-		{"one key from echo", goodKey + "\n", []string{"key-1"}, nil},
-		{"no trailing newline", goodKey, []string{"key-1"}, nil},
-		{"comments blanks and spaces", "# team keys\n\n  " + goodKey + "  \r\n\t" + otherKey + "\n", []string{"key-1", "key-2"}, nil},
-		{"byte order mark", "\ufeff" + goodKey + "\n", []string{"key-1"}, nil},
-		{"every bad line reported", "ok-key-ok-key-ok-key\nbad key\n\nnon-ascii-é\n", nil, []string{"line 2: key contains whitespace", "line 4: key contains a non-ASCII"}},
-		{"control character", "abc\x01def\n", nil, []string{"line 1: key contains a control character"}},
+		{"one key from echo", goodKey + "\n", []k{{"key-1", ScopeAdmin}}, nil},
+		{"no trailing newline", goodKey, []k{{"key-1", ScopeAdmin}}, nil},
+		{"comments blanks and spaces", "# team keys\n\n  " + goodKey + "  \r\n\t" + otherKey + "\n",
+			[]k{{"key-1", ScopeAdmin}, {"key-2", ScopeAdmin}}, nil},
+		{"byte order mark", "\ufeff" + goodKey + "\n", []k{{"key-1", ScopeAdmin}}, nil},
+		{"named", "alice:" + goodKey + "\n", []k{{"alice", ScopeAdmin}}, nil},
+		{"named with scope", "render-bot:" + goodKey + " submit\n", []k{{"render-bot", ScopeSubmit}}, nil},
+		{"hashed with scope", "viewer:sha256:" + HashSecret(goodKey) + " read\n", []k{{"viewer", ScopeRead}}, nil},
+		{"hashed upper-case hex, scope list", "ops:sha256:" + strings.ToUpper(HashSecret(goodKey)) + "\tread,admin\n", []k{{"ops", ScopeAdmin}}, nil},
+		{"bare key with scope", goodKey + " read\n", []k{{"key-1", ScopeRead}}, nil},
+		{"mixed", goodKey + "\nbob:" + otherKey + " read\n", []k{{"key-1", ScopeAdmin}, {"bob", ScopeRead}}, nil},
+		{"every bad line reported", "ok-key-ok-key-ok-key\nbad\x01key\n\nnon-ascii-é\nx:sha256:abc\n:" + goodKey + "\nbad$name:" + otherKey + "\nz:" + goodKey + " write\n",
+			nil, []string{"line 2: key contains a control character", "line 4: key contains a non-ASCII",
+				"line 5: key \"x\": sha256: must be followed by 64 hex digits", "line 6: key name is empty",
+				"line 7: key name may only hold", "line 8: unknown scope (want read, submit or admin)"}},
+		{"duplicate name", "a:" + goodKey + "\na:" + otherKey + "\n", nil, []string{`line 2: key name "a" is already used on line 1`}},
+		{"duplicate key", "a:" + goodKey + "\nb:sha256:" + HashSecret(goodKey) + "\n", nil, []string{"line 2: the same key is already on line 1"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -98,7 +113,10 @@ func TestParseKeyFile(t *testing.T) {
 						t.Errorf("error %q does not contain %q", err, w)
 					}
 				}
-				for _, secret := range []string{"bad key", "non-ascii-é", "abc\x01def"} {
+				if got := strings.Count(err.Error(), "\n") + 1; got != len(tt.wantErrs) {
+					t.Errorf("%d errors; want %d:\n%v", got, len(tt.wantErrs), err)
+				}
+				for _, secret := range []string{goodKey, otherKey, "bad\x01key", "non-ascii-é"} {
 					if strings.Contains(err.Error(), secret) {
 						t.Errorf("error %q echoes the key text %q", err, secret)
 					}
@@ -108,19 +126,40 @@ func TestParseKeyFile(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			var names []string
-			for _, k := range keys {
-				names = append(names, k.Name)
+			var got []k
+			for _, key := range keys {
+				got = append(got, k{key.Name, key.Scope})
 			}
-			if diff := cmp.Diff(tt.wantNames, names); diff != "" {
-				t.Errorf("names (-want +got):\n%s", diff)
+			if diff := cmp.Diff(tt.want, got); diff != "" {
+				t.Errorf("keys (-want +got):\n%s", diff)
 			}
-			ks := NewKeySet(keys...)
-			if _, ok := ks.Lookup(goodKey); !ok {
-				t.Error("the key from the file does not match after trimming")
+			if key, ok := NewKeySet(keys...).Lookup(goodKey); !ok || key.Name != tt.want[0].Name {
+				t.Errorf("the first key does not match after parsing: %+v %v", key, ok)
 			}
 		})
 	}
+}
+
+func FuzzParseKeyFile(f *testing.F) {
+	f.Add("key-one-key-one-key\n# c\nalice:abcdefabcdefabcdef read\n")
+	f.Add("x:sha256:" + HashSecret("k") + " submit\n")
+	f.Add(":\n a : b \n\ufeff\x00")
+	f.Fuzz(func(t *testing.T, file string) {
+		keys, err := ParseKeyFile(strings.NewReader(file))
+		if err != nil {
+			if keys != nil {
+				t.Fatal("keys returned with an error")
+			}
+			return
+		}
+		names := map[string]bool{}
+		for _, k := range keys {
+			if CheckName(k.Name) != nil || names[k.Name] || k.Scope < ScopeRead || k.Scope > ScopeAdmin {
+				t.Fatalf("bad key %+v", k)
+			}
+			names[k.Name] = true
+		}
+	})
 }
 
 func TestCredentials(t *testing.T) {

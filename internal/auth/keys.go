@@ -1,13 +1,10 @@
 package auth
 
 import (
-	"bufio"
 	"crypto/sha256"
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"io"
-	"strings"
 	"unicode/utf8"
 )
 
@@ -17,43 +14,54 @@ const MinRecommendedKeyLen = 16
 // maxKeyLen bounds the work done per candidate credential; no real key is longer.
 const maxKeyLen = 4096
 
-// A Key is one configured API key: a name that appears in logs and a SHA-256
-// hash of the secret. The plaintext is not kept.
+// KeyID identifies a key inside the process: the SHA-256 of its secret. It
+// is never logged or sent anywhere.
+type KeyID [sha256.Size]byte
+
+// A Key is one configured API key: a name that appears in logs and the audit
+// trail, the scope it grants, and a SHA-256 hash of the secret. The
+// plaintext is not kept.
 type Key struct {
-	Name string
-	// Short is true when the secret is shorter than MinRecommendedKeyLen.
+	Name  string
+	Scope Scope
+	// Short is true when the secret is known to be shorter than
+	// MinRecommendedKeyLen (never set for keys given only as a hash).
 	Short bool
-	hash  [sha256.Size]byte
+	id    KeyID
 }
 
-// NewKey hashes secret under name. It does not validate the secret; call
-// CheckSecret first.
+// NewKey hashes secret into a Key with the admin scope. It does not
+// validate the secret; call CheckSecret first.
 func NewKey(name, secret string) Key {
-	return Key{Name: name, Short: len(secret) < MinRecommendedKeyLen, hash: sha256.Sum256([]byte(secret))}
+	return Key{Name: name, Scope: ScopeAdmin, Short: len(secret) < MinRecommendedKeyLen, id: sha256.Sum256([]byte(secret))}
+}
+
+// ID returns the key's in-process identity.
+func (k Key) ID() KeyID { return k.id }
+
+// HashSecret returns the hex SHA-256 of secret, as written in key files.
+func HashSecret(secret string) string {
+	h := sha256.Sum256([]byte(secret))
+	return fmt.Sprintf("%x", h[:])
 }
 
 // KeySet is an immutable set of keys. The zero value and nil hold no keys.
 type KeySet struct {
-	keys []Key
+	keys  []Key
+	byID  map[KeyID]int
+	names map[string]bool
 }
 
-// Keys returns the keys in the set (names and hashes only).
-func (s *KeySet) Keys() []Key {
-	if s == nil {
-		return nil
-	}
-	return append([]Key(nil), s.keys...)
-}
-
-// NewKeySet returns a set holding keys. Duplicate secrets keep the first name.
+// NewKeySet returns a set holding keys. A secret listed twice keeps its
+// first entry.
 func NewKeySet(keys ...Key) *KeySet {
-	s := &KeySet{}
-	seen := make(map[[sha256.Size]byte]bool, len(keys))
+	s := &KeySet{byID: make(map[KeyID]int, len(keys)), names: make(map[string]bool, len(keys))}
 	for _, k := range keys {
-		if seen[k.hash] {
+		if _, dup := s.byID[k.id]; dup {
 			continue
 		}
-		seen[k.hash] = true
+		s.byID[k.id] = len(s.keys)
+		s.names[k.Name] = true
 		s.keys = append(s.keys, k)
 	}
 	return s
@@ -70,26 +78,39 @@ func (s *KeySet) Len() int {
 // Enabled reports whether authentication is on, that is whether any key is configured.
 func (s *KeySet) Enabled() bool { return s.Len() > 0 }
 
-// Lookup reports whether candidate is one of the keys, and its name.
+// Keys returns the keys in the set (names, scopes and hashes only).
+func (s *KeySet) Keys() []Key {
+	if s == nil {
+		return nil
+	}
+	return append([]Key(nil), s.keys...)
+}
+
+// Has reports whether the set holds the key with this id.
+func (s *KeySet) Has(id KeyID) bool {
+	if s == nil {
+		return false
+	}
+	_, ok := s.byID[id]
+	return ok
+}
+
+// Lookup returns the key whose secret is candidate.
 //
-// The candidate is hashed and compared with every key in constant time, and
-// the loop does not stop at a match, so the time taken does not depend on
-// which key matched or how much of a key was right.
-func (s *KeySet) Lookup(candidate string) (name string, ok bool) {
+// The candidate is hashed first and the set is searched by hash. Timing can
+// then depend only on the hash, which tells an attacker nothing about any
+// key's secret: there is no prefix of a secret to guess one byte at a time.
+// The final comparison is constant-time all the same.
+func (s *KeySet) Lookup(candidate string) (Key, bool) {
 	if s.Len() == 0 || len(candidate) == 0 || len(candidate) > maxKeyLen {
-		return "", false
+		return Key{}, false
 	}
-	h := sha256.Sum256([]byte(candidate))
-	found := -1
-	for i := range s.keys {
-		if subtle.ConstantTimeCompare(h[:], s.keys[i].hash[:]) == 1 {
-			found = i
-		}
+	h := KeyID(sha256.Sum256([]byte(candidate)))
+	i, ok := s.byID[h]
+	if !ok || subtle.ConstantTimeCompare(h[:], s.keys[i].id[:]) != 1 {
+		return Key{}, false
 	}
-	if found < 0 {
-		return "", false
-	}
-	return s.keys[found].Name, true
+	return s.keys[i], true
 }
 
 // Errors that CheckSecret returns, for callers that branch on them.
@@ -123,52 +144,4 @@ func CheckSecret(secret string) error {
 		}
 	}
 	return nil
-}
-
-// LineError is a problem with one line of a key file.
-type LineError struct {
-	Line int
-	Err  error
-}
-
-func (e *LineError) Error() string { return fmt.Sprintf("line %d: %v", e.Line, e.Err) }
-func (e *LineError) Unwrap() error { return e.Err }
-
-// ParseKeyFile reads a key file: one key per line, surrounding whitespace
-// trimmed (so `echo key > file` works), blank lines and lines starting with
-// '#' ignored. Key names are "key-1", "key-2", … in file order.
-//
-// It reports every bad line at once, as LineErrors joined with errors.Join,
-// and never includes a key's text in an error.
-func ParseKeyFile(r io.Reader) ([]Key, error) {
-	var (
-		keys []Key
-		errs []error
-	)
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 4096), 1<<20)
-	n := 0
-	for sc.Scan() {
-		n++
-		line := sc.Text()
-		if n == 1 {
-			line = strings.TrimPrefix(line, "\ufeff") // a BOM some editors write
-		}
-		line = strings.TrimSpace(line)
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		if err := CheckSecret(line); err != nil {
-			errs = append(errs, &LineError{Line: n, Err: err})
-			continue
-		}
-		keys = append(keys, NewKey(fmt.Sprintf("key-%d", len(keys)+1), line))
-	}
-	if err := sc.Err(); err != nil {
-		errs = append(errs, fmt.Errorf("after line %d: %w", n, err))
-	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	return keys, nil
 }

@@ -2,74 +2,113 @@ package auth
 
 import (
 	"net/http"
+	"net/netip"
+	"strconv"
+	"time"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/requestlog"
 )
+
+// Source hands out the current key set. A Reloader is one; so is Static.
+type Source interface {
+	KeySet() *KeySet
+}
+
+// Static is a Source whose keys never change.
+type Static struct{ Set *KeySet }
+
+// KeySet returns the fixed set.
+func (s Static) KeySet() *KeySet { return s.Set }
 
 // Options tune the middleware.
 type Options struct {
 	// ProtectWS makes /ws need a key like every other route. By default the
 	// WebSocket is public, as ComfyUI clients expect.
 	ProtectWS bool
+	// Lockout, if not nil, counts invalid credentials per client address and
+	// refuses locked-out clients with 429.
+	Lockout *Lockout
+	// OnLockout, if set, is called when a client has just been locked out.
+	OnLockout func(r *http.Request, client netip.Addr, until time.Duration)
 }
 
-// Reasons an authentication failed, as recorded in the request scope.
+// Reasons a request was refused, as recorded in the request scope.
 const (
 	FailureMissing = "missing"
 	FailureInvalid = "invalid"
+	FailureScope   = "scope"
+	FailureLocked  = "locked_out"
 )
 
-// Middleware returns the authentication layer. With an empty key set it is
-// the identity: comfygate is then a pure pass-through.
+// Middleware returns the authentication layer. With no keys configured it
+// passes everything: comfygate is then a pure pass-through.
 //
-// A protected request passes only if it carries at least one credential and
-// every credential it carries is a configured key. A public request passes
-// whatever it carries. Stripping the credentials before the request goes
-// upstream is the proxy's job (see Strip), so that the inbound request is
-// never modified.
-func Middleware(keys *KeySet, opts Options) func(http.Handler) http.Handler {
+// A protected request passes only if it carries at least one credential,
+// every credential it carries is a configured key, and the narrowest of
+// those keys' scopes covers the route (RequiredScope). A public request
+// passes whatever it carries. A client locked out by Lockout gets 429 for
+// everything. Stripping the credentials before the request goes upstream is
+// the proxy's job (see Strip), so the inbound request is never modified.
+func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
-		if !keys.Enabled() {
-			return next
-		}
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			creds := Credentials(r)
-			name, failure := check(keys, creds)
-			access := Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS)
+			ks := keys.KeySet()
+			if !ks.Enabled() {
+				next.ServeHTTP(w, r)
+				return
+			}
 			scope := requestlog.ScopeFrom(r.Context())
-			if access != Protected {
-				scope.KeyName = name // logged when a valid key came along
+			if left, locked := opts.Lockout.Locked(scope.Client); locked {
+				scope.AuthFailure = FailureLocked
+				TooManyRequests(w, left, "too many failed attempts from this address; try again later")
+				return
+			}
+			key, failure := check(ks, Credentials(r))
+			if Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS) != Protected {
+				if failure == "" {
+					scope.KeyName, scope.KeyID = key.Name, key.ID()
+				}
 				next.ServeHTTP(w, r)
 				return
 			}
 			if failure != "" {
 				scope.AuthFailure = failure
+				if failure == FailureInvalid && opts.Lockout.Fail(scope.Client) && opts.OnLockout != nil {
+					opts.OnLockout(r, scope.Client, opts.Lockout.window)
+				}
 				Unauthorized(w, failure)
 				return
 			}
-			scope.KeyName = name
+			scope.KeyName, scope.KeyID = key.Name, key.ID()
+			if need := RequiredScope(r.Method, r.URL.EscapedPath()); key.Scope < need {
+				scope.AuthFailure = FailureScope
+				jsonerr.Write(w, http.StatusForbidden, "forbidden",
+					"this API key's scope ("+key.Scope.String()+") does not allow this request; it needs "+need.String())
+				return
+			}
 			next.ServeHTTP(w, r)
 		})
 	}
 }
 
-// check validates every credential. It returns the name of the key when all
-// are valid, or why they are not.
-func check(keys *KeySet, creds []Credential) (name, failure string) {
+// check validates every credential. When all are valid it returns the key
+// with the narrowest scope among them; otherwise why they are not valid.
+func check(keys *KeySet, creds []Credential) (Key, string) {
 	if len(creds) == 0 {
-		return "", FailureMissing
+		return Key{}, FailureMissing
 	}
-	for _, c := range creds {
-		n, ok := keys.Lookup(c.Value)
+	var narrowest Key
+	for i, c := range creds {
+		k, ok := keys.Lookup(c.Value)
 		if !ok {
-			return "", FailureInvalid
+			return Key{}, FailureInvalid
 		}
-		if name == "" {
-			name = n
+		if i == 0 || k.Scope < narrowest.Scope {
+			narrowest = k
 		}
 	}
-	return name, ""
+	return narrowest, ""
 }
 
 // Unauthorized answers 401 with a WWW-Authenticate challenge (RFC 6750) and a
@@ -83,4 +122,11 @@ func Unauthorized(w http.ResponseWriter, failure string) {
 	}
 	w.Header().Set("WWW-Authenticate", challenge)
 	jsonerr.Write(w, http.StatusUnauthorized, "unauthorized", msg)
+}
+
+// TooManyRequests answers 429 with Retry-After in whole seconds (at least 1).
+func TooManyRequests(w http.ResponseWriter, retryAfter time.Duration, msg string) {
+	secs := int((retryAfter + time.Second - 1) / time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(max(secs, 1)))
+	jsonerr.Write(w, http.StatusTooManyRequests, "too_many_requests", msg)
 }

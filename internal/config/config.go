@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"strconv"
@@ -18,6 +19,7 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/clientip"
 )
 
 // EnvPrefix is the prefix of the environment variable that mirrors each flag:
@@ -35,9 +37,25 @@ type Config struct {
 	Port int
 	// Upstream is ComfyUI's base URL. Default http://127.0.0.1:8189.
 	Upstream *url.URL
-	// Keys are the API keys, hashed. Empty means authentication is off and
-	// comfygate is a pure pass-through (plus /health).
+	// Keys are the API keys, hashed: StaticKeys followed by the key file's.
+	// Empty means authentication is off and comfygate is a pure pass-through
+	// (plus /health).
 	Keys []auth.Key
+	// StaticKeys holds the --api-key key, which a key-file reload keeps.
+	StaticKeys []auth.Key
+	// KeyFile is the --api-key-file path, watched for changes ("" if none).
+	KeyFile string
+	// TrustedProxies are the peers whose X-Forwarded-For names the client.
+	TrustedProxies []netip.Prefix
+	// LockoutAttempts failed attempts within LockoutWindow lock a client
+	// address out for LockoutWindow. 0 disables the lockout. Default 10 in 5m.
+	LockoutAttempts int
+	LockoutWindow   time.Duration
+	// KeyRateLimit is requests per second per key (0: none); KeyPromptLimit
+	// is prompts per minute per key (0: none).
+	KeyRateLimit, KeyPromptLimit float64
+	// AuditLog is the audit trail's file; "" writes it to stderr.
+	AuditLog string
 	// ProtectWS makes /ws need a key too.
 	ProtectWS bool
 	// TLSCertFile and TLSKeyFile, both or neither, turn on HTTPS.
@@ -80,6 +98,11 @@ type raw struct {
 	shutdownTimeout                      time.Duration
 	protectWS, checkConfig, version      bool
 	logFormat, logLevel                  string
+	trustedProxies                       []string
+	lockoutAttempts                      int
+	lockoutWindow                        time.Duration
+	keyRate, keyPrompts                  float64
+	auditLog                             string
 }
 
 func newFlagSet(r *raw) *pflag.FlagSet {
@@ -93,6 +116,12 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.BoolVar(&r.protectWS, "protect-ws", false, "require a key on the /ws WebSocket too (header, or ?api_key= / ?token=)")
 	fs.StringVar(&r.certFile, "tls-certfile", "", "TLS certificate file (PEM); with --tls-keyfile, serve HTTPS")
 	fs.StringVar(&r.keyFile, "tls-keyfile", "", "TLS private key file (PEM); with --tls-certfile, serve HTTPS")
+	fs.StringSliceVar(&r.trustedProxies, "trusted-proxy", nil, "CIDRs of proxies in front of comfygate whose X-Forwarded-For names the client (comma-separated)")
+	fs.IntVar(&r.lockoutAttempts, "lockout-attempts", 10, "failed key attempts from one address within --lockout-window that lock it out (0: never)")
+	fs.DurationVar(&r.lockoutWindow, "lockout-window", 5*time.Minute, "window for counting failed attempts, and how long a lockout lasts")
+	fs.Float64Var(&r.keyRate, "key-rate-limit", 0, "requests per second allowed per key (0: no limit)")
+	fs.Float64Var(&r.keyPrompts, "key-prompt-limit", 0, "prompts per minute allowed per key (0: no limit)")
+	fs.StringVar(&r.auditLog, "audit-log", "", "append the audit trail (JSON lines) to this file instead of stderr")
 	fs.Float64Var(&r.maxUploadMB, "max-upload-size", 100, "largest request body in MB; larger bodies get 413")
 	fs.DurationVar(&r.healthTimeout, "health-timeout", 3*time.Second, "how long /health waits for ComfyUI")
 	fs.DurationVar(&r.upstreamTimeout, "upstream-timeout", 5*time.Minute, "how long to wait for ComfyUI's response headers (0: no limit)")
@@ -182,6 +211,11 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		LogLevel:        r.logLevel,
 		CheckConfig:     r.checkConfig,
 		MaxBodyBytes:    int64(r.maxUploadMB * 1024 * 1024),
+		LockoutAttempts: r.lockoutAttempts,
+		LockoutWindow:   r.lockoutWindow,
+		KeyRateLimit:    r.keyRate,
+		KeyPromptLimit:  r.keyPrompts,
+		AuditLog:        r.auditLog,
 	}
 	add := func(flag, format string, args ...any) {
 		problems = append(problems, name(flag)+": "+fmt.Sprintf(format, args...))
@@ -217,6 +251,32 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		u.Path = strings.TrimSuffix(u.Path, "/")
 		u.RawPath = ""
 		c.Upstream = u
+	}
+
+	// Client addresses, lockout and limits.
+	if p, err := clientip.ParsePrefixes(r.trustedProxies); err != nil {
+		add("trusted-proxy", "%v (want CIDRs such as 10.0.0.0/8 or single addresses)", err)
+	} else {
+		c.TrustedProxies = p
+	}
+	if r.lockoutAttempts < 0 {
+		add("lockout-attempts", "must not be negative, got %d", r.lockoutAttempts)
+	}
+	if r.lockoutWindow <= 0 {
+		add("lockout-window", "must be positive, got %s", r.lockoutWindow)
+	}
+	if r.keyRate < 0 {
+		add("key-rate-limit", "must not be negative, got %v", r.keyRate)
+	}
+	if r.keyPrompts < 0 {
+		add("key-prompt-limit", "must not be negative, got %v", r.keyPrompts)
+	}
+	if r.auditLog != "" {
+		if f, err := os.OpenFile(r.auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err != nil {
+			add("audit-log", "cannot open %s for appending: %v", r.auditLog, unwrapPathError(err))
+		} else {
+			f.Close()
+		}
 	}
 
 	// Limits and timeouts.
@@ -260,7 +320,8 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		if err := auth.CheckSecret(r.apiKey); err != nil {
 			add("api-key", "%v", err)
 		} else {
-			c.Keys = append(c.Keys, auth.NewKey("api-key", r.apiKey))
+			c.StaticKeys = append(c.StaticKeys, auth.NewKey("api-key", r.apiKey))
+			c.Keys = append(c.Keys, c.StaticKeys...)
 		}
 		if fs.Changed("api-key") {
 			c.Warnings = append(c.Warnings, "--api-key on the command line is visible to other users of this machine (ps, /proc); prefer --api-key-file or COMFYGATE_API_KEY")
@@ -271,6 +332,7 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		if err != nil {
 			add("api-key-file", "%v", err)
 		}
+		c.KeyFile = r.apiKeyFile
 		c.Keys = append(c.Keys, keys...)
 		c.Warnings = append(c.Warnings, warn...)
 	}

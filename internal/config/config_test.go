@@ -148,7 +148,7 @@ func hasWarning(ws []string, sub string) bool {
 // naming the flag or variable to fix.
 func TestErrorsAllAtOnce(t *testing.T) {
 	dir := t.TempDir()
-	badKeys := writeFile(t, "bad", "good-key-good-key-1\nhas space\n", 0o600)
+	badKeys := writeFile(t, "bad", "good-key-good-key-1\nhas\x01control\n", 0o600)
 	_, err := Load([]string{
 		"--port", "70000",
 		"--upstream", "ftp://x",
@@ -178,7 +178,7 @@ func TestErrorsAllAtOnce(t *testing.T) {
 		"--log-level: must be debug, info, warn or error, got \"loud\"",
 		"--tls-keyfile: is required with --tls-certfile",
 		"--api-key: key is empty",
-		"COMFYGATE_API_KEY_FILE: " + badKeys + ": line 2: key contains whitespace",
+		"COMFYGATE_API_KEY_FILE: " + badKeys + ": line 2: key contains a control character",
 	}
 	if len(cfgErr.Problems) != len(want) {
 		t.Errorf("got %d problems, want %d:\n%s", len(cfgErr.Problems), len(want), err)
@@ -188,7 +188,7 @@ func TestErrorsAllAtOnce(t *testing.T) {
 			t.Errorf("problem %d: want prefix %q\n%s", i, w, err)
 		}
 	}
-	if strings.Contains(err.Error(), "has space") {
+	if strings.Contains(err.Error(), "control\x01") || strings.Contains(err.Error(), "has\x01") {
 		t.Error("the error echoes a key")
 	}
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/jsonerr"
+	"github.com/comfygate/comfygate/internal/requestlog"
 )
 
 // Options configure a Proxy. The zero value works: no body limit, no
@@ -98,7 +99,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		r.Body = http.MaxBytesReader(w, r.Body, max)
 	}
 	if r.Header.Get("Upgrade") != "" {
-		w = &hijackTracker{ResponseWriter: w, s: &p.streams}
+		w = &hijackTracker{ResponseWriter: w, s: &p.streams, keyID: requestlog.ScopeFrom(r.Context()).KeyID}
 	}
 	p.rp.ServeHTTP(w, r)
 }
@@ -153,7 +154,14 @@ func tooLarge(w http.ResponseWriter, max int64) {
 // CloseStreams ends every proxied WebSocket: each client gets a close frame
 // with code 1001 (going away) and both connections are closed. It returns
 // when all are closed or ctx is done.
-func (p *Proxy) CloseStreams(ctx context.Context) { p.streams.closeAll(ctx) }
+func (p *Proxy) CloseStreams(ctx context.Context) { p.streams.closeAll(ctx, goingAwayFrame, nil) }
+
+// CloseStreamsOf ends the WebSockets opened with any of the keys in ids,
+// with close code 1008 (policy violation, "API key revoked"). It returns
+// how many it closed.
+func (p *Proxy) CloseStreamsOf(ctx context.Context, ids map[[32]byte]bool) int {
+	return p.streams.closeAll(ctx, revokedFrame, func(c *streamConn) bool { return ids[c.keyID] })
+}
 
 // OpenStreams reports how many upgraded connections are open.
 func (p *Proxy) OpenStreams() int { return p.streams.len() }

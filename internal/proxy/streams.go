@@ -23,12 +23,18 @@ import (
 // before it cuts the connection without a close frame.
 const closeGrace = time.Second
 
-// goingAwayFrame is an unmasked close frame, code 1001, reason "server shutting down".
-var goingAwayFrame = func() []byte {
-	reason := "server shutting down"
-	f := []byte{0x88, byte(2 + len(reason)), 0x03, 0xE9}
+// closeFrame builds an unmasked close frame; reason must be under 124 bytes.
+func closeFrame(code uint16, reason string) []byte {
+	f := []byte{0x88, byte(2 + len(reason)), byte(code >> 8), byte(code)}
 	return append(f, reason...)
-}()
+}
+
+var (
+	// goingAwayFrame is sent on shutdown: 1001, going away.
+	goingAwayFrame = closeFrame(1001, "server shutting down")
+	// revokedFrame is sent when the socket's key is removed: 1008, policy violation.
+	revokedFrame = closeFrame(1008, "API key revoked")
+)
 
 type streams struct {
 	mu    sync.Mutex
@@ -56,26 +62,32 @@ func (s *streams) len() int {
 	return len(s.conns)
 }
 
-func (s *streams) closeAll(ctx context.Context) {
+// closeAll closes every connection for which match is true (nil: all),
+// sending frame first.
+func (s *streams) closeAll(ctx context.Context, frame []byte, match func(*streamConn) bool) int {
 	s.mu.Lock()
 	conns := make([]*streamConn, 0, len(s.conns))
 	for c := range s.conns {
-		conns = append(conns, c)
+		if match == nil || match(c) {
+			conns = append(conns, c)
+		}
 	}
 	s.mu.Unlock()
 
 	var wg sync.WaitGroup
 	for _, c := range conns {
-		wg.Go(func() { c.goAway(ctx) })
+		wg.Go(func() { c.goAway(ctx, frame) })
 	}
 	wg.Wait()
+	return len(conns)
 }
 
 // hijackTracker registers the connection that ReverseProxy hijacks for an
 // upgrade.
 type hijackTracker struct {
 	http.ResponseWriter
-	s *streams
+	s     *streams
+	keyID [32]byte
 }
 
 func (h *hijackTracker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
@@ -83,7 +95,7 @@ func (h *hijackTracker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	c := &streamConn{Conn: conn, s: h.s, done: make(chan struct{})}
+	c := &streamConn{Conn: conn, s: h.s, keyID: h.keyID, done: make(chan struct{})}
 	h.s.add(c)
 	return c, brw, nil
 }
@@ -93,7 +105,8 @@ func (h *hijackTracker) Unwrap() http.ResponseWriter { return h.ResponseWriter }
 // streamConn is the client side of a proxied WebSocket.
 type streamConn struct {
 	net.Conn
-	s *streams
+	s     *streams
+	keyID [32]byte // the key that opened it (zero: none)
 
 	// started is set by the first Read or Write, which ReverseProxy makes
 	// only after it has sent the 101 response; before that a close frame
@@ -102,8 +115,9 @@ type streamConn struct {
 
 	mu        sync.Mutex // serialises writes with goAway
 	frames    frameTracker
-	leaving   bool // goAway is waiting for the current frame to end
-	left      bool // the close frame was sent; refuse further writes
+	leaving   bool   // goAway is waiting for the current frame to end
+	closing   []byte // the close frame goAway sends
+	left      bool   // the close frame was sent; refuse further writes
 	done      chan struct{}
 	closeOnce sync.Once
 }
@@ -129,7 +143,7 @@ func (c *streamConn) Write(p []byte) (int, error) {
 		if !atBoundary {
 			return n, nil
 		}
-		c.sendGoingAway()
+		c.sendClose()
 		return n, net.ErrClosed
 	}
 	n, err := c.Conn.Write(p)
@@ -140,10 +154,10 @@ func (c *streamConn) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// sendGoingAway writes the close frame; c.mu must be held.
-func (c *streamConn) sendGoingAway() {
+// sendClose writes the pending close frame; c.mu must be held.
+func (c *streamConn) sendClose() {
 	c.Conn.SetWriteDeadline(time.Now().Add(closeGrace))
-	c.Conn.Write(goingAwayFrame)
+	c.Conn.Write(c.closing)
 	c.left = true
 	c.leaving = false
 	c.signalDone()
@@ -157,16 +171,17 @@ func (c *streamConn) signalDone() {
 	}
 }
 
-// goAway sends the close frame at the next frame boundary and closes the
-// connection.
-func (c *streamConn) goAway(ctx context.Context) {
+// goAway sends frame (a close frame) at the next frame boundary and closes
+// the connection.
+func (c *streamConn) goAway(ctx context.Context, frame []byte) {
 	c.mu.Lock()
+	c.closing = frame
 	switch {
 	case c.left:
 	case !c.started.Load():
 		c.signalDone() // nothing sent yet: just close
 	case c.frames.atBoundary():
-		c.sendGoingAway()
+		c.sendClose()
 	default:
 		c.leaving = true
 	}

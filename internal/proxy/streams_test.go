@@ -79,7 +79,7 @@ func TestGoAwayWaitsForFrameEnd(t *testing.T) {
 	}
 	closed := make(chan struct{})
 	go func() {
-		c.goAway(context.Background())
+		c.goAway(context.Background(), goingAwayFrame)
 		close(closed)
 	}()
 	time.Sleep(50 * time.Millisecond) // goAway is now waiting for the frame to end
@@ -112,7 +112,7 @@ func TestGoAwayStalledFrame(t *testing.T) {
 	s.add(c)
 	c.Write(frame(2, make([]byte, 100))[:50])
 	start := time.Now()
-	s.closeAll(context.Background())
+	s.closeAll(context.Background(), goingAwayFrame, nil)
 	if d := time.Since(start); d > 3*closeGrace {
 		t.Errorf("closeAll took %v", d)
 	}

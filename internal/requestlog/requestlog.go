@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"time"
 )
 
@@ -16,8 +17,14 @@ import (
 // access log reads after the request is done. It is not safe for use by
 // several goroutines at once; a request's handlers run one after another.
 type Scope struct {
+	// Client is the client's address (behind trusted proxies, the one they
+	// report).
+	Client netip.Addr
 	// KeyName names the API key that authenticated the request ("" if none).
 	KeyName string
+	// KeyID is the authenticating key's in-process identity (its SHA-256);
+	// it is never logged.
+	KeyID [32]byte
 	// AuthFailure says why authentication failed ("missing", "invalid"), or "".
 	AuthFailure string
 }
@@ -36,18 +43,21 @@ func ScopeFrom(ctx context.Context) *Scope {
 // Redactor rewrites a raw query string for logging, hiding credentials.
 type Redactor func(rawQuery string) string
 
+// ClientResolver finds a request's client address.
+type ClientResolver func(*http.Request) netip.Addr
+
 // Middleware logs one line per request at level Info on logger, after the
 // request is done: method, path (query redacted by redact), status, bytes
 // written, duration, client address and key name. A WebSocket is logged when
 // it closes, with status 101 and its lifetime as the duration.
-func Middleware(logger *slog.Logger, redact Redactor) func(http.Handler) http.Handler {
+func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
-			scope := &Scope{}
+			scope := &Scope{Client: client(r)}
 			rec := &recorder{ResponseWriter: w}
 			path, query := r.URL.Path, r.URL.RawQuery
-			method, remote := r.Method, r.RemoteAddr
+			method := r.Method
 			// Log in a defer: ReverseProxy aborts a response whose upstream
 			// body fails midway with a panic (http.ErrAbortHandler), and
 			// that request deserves its line too.
@@ -65,7 +75,7 @@ func Middleware(logger *slog.Logger, redact Redactor) func(http.Handler) http.Ha
 					slog.Int("status", status),
 					slog.Int64("bytes", rec.bytes),
 					slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
-					slog.String("client", clientIP(remote)),
+					slog.String("client", scope.Client.String()),
 				}
 				if scope.KeyName != "" {
 					attrs = append(attrs, slog.String("key", scope.KeyName))
@@ -83,13 +93,6 @@ func Middleware(logger *slog.Logger, redact Redactor) func(http.Handler) http.Ha
 			next.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), scopeKey{}, scope)))
 		})
 	}
-}
-
-func clientIP(remoteAddr string) string {
-	if host, _, err := net.SplitHostPort(remoteAddr); err == nil {
-		return host
-	}
-	return remoteAddr
 }
 
 // recorder notes the status and size of a response. It passes Flush and

@@ -64,7 +64,8 @@ func TestEveryAuthMethod(t *testing.T) {
 }
 
 func TestAuthFailures(t *testing.T) {
-	g := start(t, comfytest.Options{}, "--api-key-file", keyFile(t, testKey2))
+	// Sixteen bad attempts in a row would lock the test client out.
+	g := start(t, comfytest.Options{}, "--api-key-file", keyFile(t, testKey2), "--lockout-attempts", "0")
 	wrong := testKey2[:len(testKey2)-1] + "X"
 	tests := []struct {
 		name   string

@@ -46,7 +46,11 @@ func (staticTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 
 func benchChain(b *testing.B, args []string, header http.Header) {
 	cfg := benchConfig(b, args...)
-	h := newServer(cfg, slog.New(slog.DiscardHandler), "bench", staticTransport{}).Handler()
+	srv, err := newServer(cfg, slog.New(slog.DiscardHandler), "bench", io.Discard, staticTransport{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := srv.Handler()
 	req := httptest.NewRequest("GET", "http://127.0.0.1:8188/api/prompt?clientId=abc", nil)
 	req.Header = header
 	b.ReportAllocs()
@@ -69,7 +73,11 @@ func BenchmarkChain_Bearer(b *testing.B) {
 
 func BenchmarkChain_QueryKey(b *testing.B) {
 	cfg := benchConfig(b, "--api-key-file", benchKeyFile(b))
-	h := newServer(cfg, slog.New(slog.DiscardHandler), "bench", staticTransport{}).Handler()
+	srv, err := newServer(cfg, slog.New(slog.DiscardHandler), "bench", io.Discard, staticTransport{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := srv.Handler()
 	req := httptest.NewRequest("GET", "http://127.0.0.1:8188/api/view?filename=a.png&type=output&api_key="+testKey2, nil)
 	b.ReportAllocs()
 	for b.Loop() {
@@ -98,7 +106,10 @@ func fastUpstream(b *testing.B) *httptest.Server {
 
 func benchGateway(b *testing.B, upstream string, args ...string) string {
 	cfg := benchConfig(b, append([]string{"--upstream", upstream}, args...)...)
-	s := New(cfg, slog.New(slog.DiscardHandler), "bench")
+	s, err := New(cfg, slog.New(slog.DiscardHandler), "bench", io.Discard)
+	if err != nil {
+		b.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)

@@ -80,7 +80,10 @@ func startWith(t *testing.T, fake *comfytest.Fake, args ...string) *gateway {
 	}
 	logs := &syncBuffer{}
 	logger := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	srv := New(cfg, logger, "test")
+	srv, err := New(cfg, logger, "test", logs)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -459,7 +459,11 @@ func TestListenPortTaken(t *testing.T) {
 	g := startWith(t, fake, "--upstream", fake.URL())
 	port := strings.Split(g.Addr, ":")[1]
 	cfg := loadConfig(t, "--port", port)
-	_, err := New(cfg, discardLogger(), "test").Listen()
+	srv, err := New(cfg, discardLogger(), "test", io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = srv.Listen()
 	if err == nil || !strings.Contains(err.Error(), "already in use") || !strings.Contains(err.Error(), "--port") {
 		t.Errorf("Listen on a taken port: %v", err)
 	}

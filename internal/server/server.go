@@ -7,17 +7,23 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/comfygate/comfygate/internal/audit"
 	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/clientip"
 	"github.com/comfygate/comfygate/internal/config"
 	"github.com/comfygate/comfygate/internal/health"
 	"github.com/comfygate/comfygate/internal/proxy"
+	"github.com/comfygate/comfygate/internal/ratelimit"
 	"github.com/comfygate/comfygate/internal/requestlog"
 )
 
@@ -25,22 +31,29 @@ import (
 type Server struct {
 	cfg     *config.Config
 	log     *slog.Logger
+	keys    *auth.Reloader
+	audit   *audit.Log
 	proxy   *proxy.Proxy
 	health  *health.Checker
 	handler http.Handler
 }
 
-// New builds the handler chain for cfg. version is reported by /health.
-func New(cfg *config.Config, logger *slog.Logger, version string) *Server {
-	return newServer(cfg, logger, version, nil)
+// New builds the handler chain for cfg. version is reported by /health; the
+// audit trail goes to auditOut unless cfg.AuditLog names a file.
+func New(cfg *config.Config, logger *slog.Logger, version string, auditOut io.Writer) (*Server, error) {
+	return newServer(cfg, logger, version, auditOut, nil)
 }
 
 // newServer is New with the transport to ComfyUI replaceable (benchmarks).
-func newServer(cfg *config.Config, logger *slog.Logger, version string, transport http.RoundTripper) *Server {
+func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut io.Writer, transport http.RoundTripper) (*Server, error) {
 	s := &Server{cfg: cfg, log: logger}
-	keys := auth.NewKeySet(cfg.Keys...)
+	var err error
+	if s.audit, err = audit.Open(cfg.AuditLog, auditOut); err != nil {
+		return nil, fmt.Errorf("--audit-log: %w", err)
+	}
+	s.keys = auth.NewReloader(cfg.KeyFile, cfg.StaticKeys, cfg.Keys[len(cfg.StaticKeys):], logger)
 	s.proxy = proxy.New(cfg.Upstream, proxy.Options{
-		StripCredentials:      keys.Enabled(),
+		StripCredentials:      len(cfg.Keys) > 0,
 		MaxBodyBytes:          cfg.MaxBodyBytes,
 		ResponseHeaderTimeout: cfg.UpstreamTimeout,
 		Transport:             transport,
@@ -51,18 +64,71 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, transpor
 		GatewayVersion: version,
 		Logger:         logger,
 	})
+	s.keys.OnChange(s.keysChanged)
+	lockout := auth.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
 
 	// The chain, outermost first:
-	//   requestlog  one line per request, key names and redacted paths only
+	//   requestlog  one line per request (client address resolved once,
+	//               key names and redacted paths only)
 	//   routes      comfygate's own endpoints (/health), never behind the key
-	//   auth        API keys; identity when none are configured
+	//   audit       one line per state-changing request, refusals included
+	//   auth        lockout, API keys and scopes; a no-op when none are configured
+	//   ratelimit   per-key request and prompt limits
 	//   proxy       ComfyUI, credentials stripped, bodies capped
+	clients := clientip.New(cfg.TrustedProxies)
 	s.handler = Chain(
-		routes(s.health, Chain(s.proxy, auth.Middleware(keys, auth.Options{ProtectWS: cfg.ProtectWS}))),
-		requestlog.Middleware(logger, auth.RedactQuery),
+		routes(s.health, Chain(s.proxy,
+			s.audit.Middleware(),
+			auth.Middleware(s.keys, auth.Options{
+				ProtectWS: cfg.ProtectWS,
+				Lockout:   lockout,
+				OnLockout: s.lockedOut,
+			}),
+			ratelimit.Middleware(
+				ratelimit.New(cfg.KeyRateLimit, cfg.KeyRateLimit),
+				ratelimit.New(cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
+			),
+		)),
+		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve),
 	)
-	return s
+	return s, nil
 }
+
+// keysChanged closes the WebSockets of removed keys and audits the reload.
+func (s *Server) keysChanged(c auth.Change) {
+	if c.Err != nil {
+		s.audit.Write(audit.Event{Audit: "key_reload", Outcome: "failed", Detail: c.Err.Error()})
+		return
+	}
+	ids := make(map[[32]byte]bool, len(c.Removed))
+	names := make([]string, len(c.Removed))
+	for i, k := range c.Removed {
+		ids[k.ID()] = true
+		names[i] = k.Name
+	}
+	closed := 0
+	if len(ids) > 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		closed = s.proxy.CloseStreamsOf(ctx, ids)
+		cancel()
+	}
+	detail := fmt.Sprintf("%d keys in force", c.Keys)
+	if len(names) > 0 {
+		detail += fmt.Sprintf("; removed %s; closed %d WebSockets", strings.Join(names, ", "), closed)
+	}
+	s.audit.Write(audit.Event{Audit: "key_reload", Outcome: "ok", Detail: detail})
+}
+
+func (s *Server) lockedOut(r *http.Request, client netip.Addr, d time.Duration) {
+	s.log.Warn("client locked out after repeated failed key attempts", "client", client.String(), "for", d.String())
+	s.audit.Write(audit.Event{
+		Audit: "lockout", Client: client.String(), Method: r.Method, Outcome: "locked_out",
+		Detail: fmt.Sprintf("%d failed attempts within %s; locked out for %s", s.cfg.LockoutAttempts, s.cfg.LockoutWindow, d),
+	})
+}
+
+// ReloadKeys re-reads the key file now (SIGHUP).
+func (s *Server) ReloadKeys() error { return s.keys.Reload() }
 
 // Middleware wraps a handler.
 type Middleware func(http.Handler) http.Handler
@@ -148,6 +214,9 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener) error {
 
 	errc := make(chan error, len(lns))
 	var wg sync.WaitGroup
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	defer stopWatch()
+	wg.Go(func() { s.keys.Watch(watchCtx, time.Second) })
 	for _, ln := range lns {
 		if s.cfg.TLS() {
 			ln = tls.NewListener(ln, srv.TLSConfig)
@@ -174,6 +243,8 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener) error {
 		srv.Close()
 	}
 	streams.Wait()
+	stopWatch()
 	wg.Wait()
+	s.audit.Close()
 	return serveErr
 }

@@ -1,0 +1,175 @@
+package auth
+
+import (
+	"bufio"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+)
+
+// The key file holds one key per line. Blank lines and lines starting with
+// '#' are ignored, and surrounding whitespace is trimmed, so `echo KEY > file`
+// works. A line is one of
+//
+//	KEY                        a key, named key-N (N counts keys in the file)
+//	NAME:KEY [SCOPES]          a named key
+//	NAME:sha256:HEX [SCOPES]   a named key stored only as its SHA-256
+//
+// SCOPES is read, submit or admin (or a comma-separated list, of which the
+// widest counts). A key without scopes is admin, so files written before
+// scopes existed keep working. Names are letters, digits, '.', '_' and '-',
+// at most 64 characters, and unique in the file.
+//
+// A line containing ':' is always read as NAME:..., so a bare key must not
+// contain ':' (generated keys never do).
+
+const maxNameLen = 64
+
+// KeyLine is the key-file line for a named, hashed key.
+func KeyLine(name, secret string, scope Scope) string {
+	return fmt.Sprintf("%s:sha256:%s %s", name, HashSecret(secret), scope)
+}
+
+// NewSecret returns a fresh random key: "cg_" and 43 URL-safe characters
+// (256 bits). The prefix makes leaked keys easy for secret scanners to spot.
+func NewSecret() string {
+	b := make([]byte, 32)
+	rand.Read(b) // never fails (crypto/rand)
+	return "cg_" + base64.RawURLEncoding.EncodeToString(b)
+}
+
+// CheckName reports why name cannot name a key, or nil.
+func CheckName(name string) error {
+	if name == "" {
+		return errors.New("key name is empty")
+	}
+	if len(name) > maxNameLen {
+		return fmt.Errorf("key name is longer than %d characters", maxNameLen)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return errors.New("key name may only hold letters, digits, '.', '_' and '-'")
+		}
+	}
+	return nil
+}
+
+// ParseScopes reads a scope list such as "read" or "read,submit"; the widest counts.
+func ParseScopes(s string) (Scope, error) {
+	widest := ScopeNone
+	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' }) {
+		sc, err := ParseScope(f)
+		if err != nil {
+			return 0, err
+		}
+		widest = max(widest, sc)
+	}
+	if widest == ScopeNone {
+		return 0, errors.New("no scope given")
+	}
+	return widest, nil
+}
+
+// LineError is a problem with one line of a key file.
+type LineError struct {
+	Line int
+	Err  error
+}
+
+func (e *LineError) Error() string { return fmt.Sprintf("line %d: %v", e.Line, e.Err) }
+func (e *LineError) Unwrap() error { return e.Err }
+
+// ParseKeyFile reads a key file (format above). It reports every bad line
+// at once, as LineErrors joined with errors.Join, and never includes a key's
+// text in an error.
+func ParseKeyFile(r io.Reader) ([]Key, error) {
+	var (
+		keys  []Key
+		errs  []error
+		names = map[string]int{}
+		ids   = map[KeyID]int{}
+	)
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 4096), 1<<20)
+	n := 0
+	for sc.Scan() {
+		n++
+		line := sc.Text()
+		if n == 1 {
+			line = strings.TrimPrefix(line, "\ufeff") // a BOM some editors write
+		}
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, err := parseLine(line, len(keys)+1)
+		if err == nil {
+			if prev, dup := names[k.Name]; dup {
+				err = fmt.Errorf("key name %q is already used on line %d", k.Name, prev)
+			} else if prev, dup := ids[k.id]; dup {
+				err = fmt.Errorf("the same key is already on line %d", prev)
+			}
+		}
+		if err != nil {
+			errs = append(errs, &LineError{Line: n, Err: err})
+			continue
+		}
+		names[k.Name], ids[k.id] = n, n
+		keys = append(keys, k)
+	}
+	if err := sc.Err(); err != nil {
+		errs = append(errs, fmt.Errorf("after line %d: %w", n, err))
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return keys, nil
+}
+
+// parseLine reads one non-blank, non-comment line; index names an unnamed key.
+func parseLine(line string, index int) (Key, error) {
+	field, scopes, hasScopes := strings.Cut(line, " ")
+	if !hasScopes {
+		field, scopes, hasScopes = strings.Cut(line, "\t")
+	}
+	scope := ScopeAdmin
+	if hasScopes {
+		s, err := ParseScopes(scopes)
+		if err != nil {
+			return Key{}, err
+		}
+		scope = s
+	}
+	name, rest, named := strings.Cut(field, ":")
+	if !named {
+		if err := CheckSecret(field); err != nil {
+			return Key{}, err
+		}
+		k := NewKey(fmt.Sprintf("key-%d", index), field)
+		k.Scope = scope
+		return k, nil
+	}
+	if err := CheckName(name); err != nil {
+		return Key{}, err
+	}
+	if hexHash, hashed := strings.CutPrefix(rest, "sha256:"); hashed {
+		b, err := hex.DecodeString(hexHash)
+		if err != nil || len(b) != len(KeyID{}) {
+			return Key{}, fmt.Errorf("key %q: sha256: must be followed by 64 hex digits", name)
+		}
+		k := Key{Name: name, Scope: scope}
+		copy(k.id[:], b)
+		return k, nil
+	}
+	if err := CheckSecret(rest); err != nil {
+		return Key{}, fmt.Errorf("key %q: %w", name, err)
+	}
+	k := NewKey(name, rest)
+	k.Scope = scope
+	return k, nil
+}

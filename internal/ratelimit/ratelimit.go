@@ -1,0 +1,103 @@
+// Package ratelimit limits how fast each API key may make requests and queue
+// prompts, with one token bucket per key name.
+package ratelimit
+
+import (
+	"math"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/jsonerr"
+	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/route"
+)
+
+// Limiter holds one token bucket per key. A nil *Limiter allows everything.
+type Limiter struct {
+	rate  float64 // tokens per second
+	burst float64
+
+	mu      sync.Mutex
+	buckets map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// New returns a limiter that allows perSecond events per second with bursts
+// of burst; perSecond <= 0 returns nil (no limit).
+func New(perSecond, burst float64) *Limiter {
+	if perSecond <= 0 {
+		return nil
+	}
+	if burst < 1 {
+		burst = 1
+	}
+	return &Limiter{rate: perSecond, burst: burst, buckets: make(map[string]*bucket)}
+}
+
+// Allow takes one token from key's bucket. When the bucket is empty it
+// reports how long until a token is back.
+func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
+	if l == nil {
+		return true, 0
+	}
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[key]
+	if b == nil {
+		b = &bucket{tokens: l.burst, last: now}
+		l.buckets[key] = b
+	}
+	b.tokens = math.Min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
+	b.last = now
+	if b.tokens >= 1 {
+		b.tokens--
+		return true, 0
+	}
+	wait := time.Duration((1 - b.tokens) / l.rate * float64(time.Second))
+	return false, wait
+}
+
+// Middleware applies per-key limits to authenticated requests: requests
+// counts every request, prompts only prompt submissions (POST /prompt and
+// /api/prompt). Either may be nil. Requests without a key name (no keys
+// configured, or public routes without a key) are not limited.
+func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		if requests == nil && prompts == nil {
+			return next
+		}
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			name := requestlog.ScopeFrom(r.Context()).KeyName
+			if name == "" {
+				next.ServeHTTP(w, r)
+				return
+			}
+			if ok, wait := requests.Allow(name); !ok {
+				refuse(w, wait, "this API key is over its request rate limit")
+				return
+			}
+			if r.Method == http.MethodPost {
+				if _, kind := route.Of(r.URL.Path); kind == "prompt" {
+					if ok, wait := prompts.Allow(name); !ok {
+						refuse(w, wait, "this API key is over its prompt rate limit")
+						return
+					}
+				}
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
+func refuse(w http.ResponseWriter, wait time.Duration, msg string) {
+	secs := int((wait + time.Second - 1) / time.Second)
+	w.Header().Set("Retry-After", strconv.Itoa(max(secs, 1)))
+	jsonerr.Write(w, http.StatusTooManyRequests, "rate_limited", msg)
+}
