@@ -24,8 +24,11 @@ var version = ""
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.LookupEnv, os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.LookupEnv, os.Stdin, os.Stdout, os.Stderr)
 	stop()
+	if errors.Is(err, errUsage) {
+		os.Exit(2)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "comfygate:", err)
 		var cfgErr *config.Error
@@ -38,7 +41,10 @@ func main() {
 
 // run is comfygate without the process: it returns when ctx is done and the
 // server has shut down, or at once on a configuration error.
-func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stdout, stderr io.Writer) error {
+func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) > 0 && args[0] == "keys" {
+		return runKeys(args[1:], stdin, stdout, stderr)
+	}
 	cfg, err := config.Load(args, lookupEnv)
 	switch {
 	case errors.Is(err, config.ErrHelp):

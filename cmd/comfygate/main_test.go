@@ -24,7 +24,7 @@ func noEnv(string) (string, bool) { return "", false }
 
 func TestHelpAndVersion(t *testing.T) {
 	var out, errOut bytes.Buffer
-	if err := run(t.Context(), []string{"--help"}, noEnv, &out, &errOut); err != nil {
+	if err := run(t.Context(), []string{"--help"}, noEnv, nil, &out, &errOut); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"Usage:", "--api-key-file", "--protect-ws", "COMFYGATE_API_KEY_FILE"} {
@@ -33,19 +33,19 @@ func TestHelpAndVersion(t *testing.T) {
 		}
 	}
 	out.Reset()
-	if err := run(t.Context(), []string{"--version"}, noEnv, &out, &errOut); err != nil || !strings.HasPrefix(out.String(), "comfygate ") {
+	if err := run(t.Context(), []string{"--version"}, noEnv, nil, &out, &errOut); err != nil || !strings.HasPrefix(out.String(), "comfygate ") {
 		t.Errorf("--version: %q, %v", out.String(), err)
 	}
 }
 
 func TestBadConfigStopsStartup(t *testing.T) {
 	var out, errOut bytes.Buffer
-	err := run(t.Context(), []string{"--api-key-file", filepath.Join(t.TempDir(), "missing"), "--port", "x"}, noEnv, &out, &errOut)
+	err := run(t.Context(), []string{"--api-key-file", filepath.Join(t.TempDir(), "missing"), "--port", "x"}, noEnv, nil, &out, &errOut)
 	var cfgErr *config.Error
 	if err == nil || (!errors.As(err, &cfgErr) && !strings.Contains(err.Error(), "--port")) {
 		t.Fatalf("err = %v", err)
 	}
-	err = run(t.Context(), []string{"--api-key-file", filepath.Join(t.TempDir(), "missing")}, noEnv, &out, &errOut)
+	err = run(t.Context(), []string{"--api-key-file", filepath.Join(t.TempDir(), "missing")}, noEnv, nil, &out, &errOut)
 	if !errors.As(err, &cfgErr) || !strings.Contains(err.Error(), "--api-key-file: cannot read") {
 		t.Errorf("missing key file: %v", err)
 	}
@@ -77,7 +77,7 @@ func TestRunServesAndStops(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() {
-		done <- run(ctx, nil, func(k string) (string, bool) { v, ok := env[k]; return v, ok }, io.Discard, io.Discard)
+		done <- run(ctx, nil, func(k string) (string, bool) { v, ok := env[k]; return v, ok }, nil, io.Discard, io.Discard)
 	}()
 	base := "http://127.0.0.1:" + strconv.Itoa(port)
 	var resp *http.Response

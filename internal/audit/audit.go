@@ -28,9 +28,12 @@ type Log struct {
 }
 
 // Open returns a Log appending to path (created 0600), or writing to
-// fallback when path is empty.
+// fallback when path is empty (nil fallback: discard).
 func Open(path string, fallback io.Writer) (*Log, error) {
 	if path == "" {
+		if fallback == nil {
+			fallback = io.Discard
+		}
 		return &Log{w: fallback}, nil
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)

@@ -4,9 +4,12 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"strings"
 	"testing"
+	"testing/synctest"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 )
@@ -435,6 +438,74 @@ func FuzzCredentials(f *testing.F) {
 		Strip(r)
 		if left := Credentials(r); len(left) != 0 {
 			t.Fatalf("Strip left %+v in query %q", left, r.URL.RawQuery)
+		}
+	})
+}
+
+func TestRequiredScopeTricks(t *testing.T) {
+	tests := []struct {
+		method, path string
+		want         Scope
+	}{
+		{"GET", "/queue", ScopeRead},
+		{"GET", "/api/queue", ScopeRead},
+		{"GET", "/api/api/jobs", ScopeRead},
+		{"GET", "/api/userdata/workflows%2Fa.json", ScopeRead},
+		{"POST", "/api/prompt", ScopeSubmit},
+		{"POST", "/api/jobs/abc/cancel", ScopeSubmit},
+		{"POST", "/api/jobs/a/b/cancel", ScopeAdmin},
+		{"POST", "/api/userdata/workflows%2Fa.json", ScopeAdmin},
+		{"GET", "/internal/logs", ScopeAdmin},
+		{"GET", "/userdata%2F..%2Finternal%2Flogs", ScopeAdmin},
+		{"GET", "/history/../internal/logs", ScopeAdmin},
+		{"GET", "/history/%2e%2e/internal/logs", ScopeAdmin},
+		{"GET", "/view/../manager/x", ScopeAdmin},
+		{"GET", "/viewx", ScopeAdmin},
+		{"GET", "/api%2Finternal/logs", ScopeAdmin},
+		{"GET", "//queue", ScopeAdmin},
+		{"GET", "/QUEUE", ScopeAdmin},
+		{"DELETE", "/queue", ScopeAdmin},
+		{"PUT", "/prompt", ScopeAdmin},
+		{"GET", "/manager/queue/status", ScopeAdmin},
+		{"GET", "/custom/route", ScopeAdmin},
+	}
+	for _, tt := range tests {
+		if got := RequiredScope(tt.method, tt.path); got != tt.want {
+			t.Errorf("RequiredScope(%s %s) = %v; want %v", tt.method, tt.path, got, tt.want)
+		}
+	}
+}
+
+func TestLockoutCounts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := NewLockout(3, time.Minute)
+		a := netip.MustParseAddr("198.51.100.1")
+		if l.Fail(a) || l.Fail(a) {
+			t.Fatal("locked before the threshold")
+		}
+		time.Sleep(61 * time.Second) // the first two fall out of the window
+		if l.Fail(a) || l.Fail(a) {
+			t.Fatal("old failures still counted")
+		}
+		if !l.Fail(a) {
+			t.Fatal("third failure within the window did not lock")
+		}
+		if left, locked := l.Locked(a); !locked || left != time.Minute {
+			t.Errorf("Locked = %v, %v", left, locked)
+		}
+		// IPv6 is counted per /64.
+		v6 := NewLockout(2, time.Minute)
+		v6.Fail(netip.MustParseAddr("2001:db8::1"))
+		v6.Fail(netip.MustParseAddr("2001:db8::ffff"))
+		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8::42")); !locked {
+			t.Error("rotating addresses within a /64 escaped the lockout")
+		}
+		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8:1::1")); locked {
+			t.Error("another /64 is locked too")
+		}
+		time.Sleep(time.Minute)
+		if _, locked := l.Locked(a); locked {
+			t.Error("still locked after the window")
 		}
 	})
 }

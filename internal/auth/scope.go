@@ -73,6 +73,13 @@ var submitRoutes = map[string]bool{
 // in both their plain and /api forms. A path that is not in plain canonical
 // form, and any route not in the table, needs admin.
 func RequiredScope(method, escapedPath string) Scope {
+	// An encoded '/' is how the web UI names files in folders
+	// (/userdata/workflows%2Fa.json). Reading it as a separator can only
+	// move a path deeper below the same first segments, and every route
+	// below a read route is read, so it cannot lower what is needed.
+	if strings.Contains(escapedPath, "%2") {
+		escapedPath = strings.NewReplacer("%2F", "/", "%2f", "/").Replace(escapedPath)
+	}
 	p, ok := canonicalPath(escapedPath)
 	if !ok {
 		return ScopeAdmin

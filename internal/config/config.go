@@ -146,6 +146,7 @@ func Usage(w io.Writer) {
 
 Usage:
   comfygate [flags]
+  comfygate keys new|hash|check ...   (make, hash and check keys; see comfygate keys --help)
 
 Every flag can also be set by an environment variable: --api-key-file is
 COMFYGATE_API_KEY_FILE, --protect-ws is COMFYGATE_PROTECT_WS. A flag given on
