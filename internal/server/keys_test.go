@@ -332,10 +332,10 @@ func TestAuditTrail(t *testing.T) {
 	do(t, "POST", g.URL+"/api/history", strings.NewReader(`{"clear":true}`), "X-API-Key", submitKey)
 	do(t, "POST", g.URL+"/api/free", strings.NewReader(`{"unload_models":true}`), "X-API-Key", adminKey)
 	do(t, "POST", g.URL+"/api/manager/queue/install", strings.NewReader(`{}`), "X-API-Key", adminKey)
-	do(t, "POST", g.URL+"/api/free", strings.NewReader(`{}`), "X-API-Key", readKey)                          // forbidden
+	do(t, "POST", g.URL+"/api/free", strings.NewReader(`{}`), "X-API-Key", readKey)                                     // forbidden
 	do(t, "POST", g.URL+"/api/prompt", strings.NewReader(`{}`), "X-API-Key", "nope", "X-Forwarded-For", "198.51.100.1") // unauthorized
 	do(t, "POST", g.URL+"/api/prompt", strings.NewReader(`{}`), "X-API-Key", "nope", "X-Forwarded-For", "198.51.100.1") // locks out
-	do(t, "GET", g.URL+"/api/queue", nil, "X-API-Key", readKey)                                                       // a read: not audited
+	do(t, "GET", g.URL+"/api/queue", nil, "X-API-Key", readKey)                                                         // a read: not audited
 	os.WriteFile(file, []byte("ops:"+adminKey+"\n"), 0o600)
 	g.Server.ReloadKeys()
 	g.stop(t)
