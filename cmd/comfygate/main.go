@@ -75,6 +75,16 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 	if err != nil {
 		return err
 	}
+	metricsLn, err := srv.ListenMetrics()
+	if err != nil {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		return err
+	}
+	if metricsLn != nil {
+		logger.Info("metrics and probes listening", "url", "http://"+metricsLn.Addr().String()+"/metrics")
+	}
 	// SIGHUP re-reads the key file at once (it is also watched).
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -102,7 +112,7 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 			"protect_ws", cfg.ProtectWS,
 			"version", Version())
 	}
-	return srv.Serve(ctx, lns)
+	return srv.Serve(ctx, lns, metricsLn)
 }
 
 func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {

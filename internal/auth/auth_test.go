@@ -176,8 +176,9 @@ func TestCredentials(t *testing.T) {
 		{"bearer", map[string][]string{"Authorization": {"Bearer " + goodKey}}, "", []Credential{{SourceBearer, goodKey}}},
 		{"bearer lower case, extra spaces", map[string][]string{"Authorization": {"bearer   " + goodKey}}, "", []Credential{{SourceBearer, goodKey}}},
 		{"BEARER upper case", map[string][]string{"Authorization": {"BEARER " + goodKey}}, "", []Credential{{SourceBearer, goodKey}}},
-		{"basic is not a key", map[string][]string{"Authorization": {"Basic dXNlcjpwYXNz"}}, "", []Credential{{SourceOther, ""}}},
-		{"bare token without scheme", map[string][]string{"Authorization": {goodKey}}, "", []Credential{{SourceOther, ""}}},
+		{"basic is not a key", map[string][]string{"Authorization": {"Basic dXNlcjpwYXNz"}}, "", nil},
+		{"bare token without scheme", map[string][]string{"Authorization": {goodKey}}, "", nil},
+		{"bearer without a key", map[string][]string{"Authorization": {"Bearer"}}, "", []Credential{{SourceBearer, ""}}},
 		{"x-api-key", map[string][]string{"X-Api-Key": {goodKey}}, "", []Credential{{SourceHeader, goodKey}}},
 		{"two x-api-key headers", map[string][]string{"X-Api-Key": {goodKey, "wrong"}}, "", []Credential{{SourceHeader, goodKey}, {SourceHeader, "wrong"}}},
 		{"api_key query", nil, "clientId=1&api_key=" + goodKey, []Credential{{SourceQuery, goodKey}}},
@@ -480,11 +481,11 @@ func TestLockoutCounts(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		l := NewLockout(3, time.Minute)
 		a := netip.MustParseAddr("198.51.100.1")
-		if l.Fail(a) || l.Fail(a) {
+		if first, second := l.Fail(a), l.Fail(a); first || second {
 			t.Fatal("locked before the threshold")
 		}
 		time.Sleep(61 * time.Second) // the first two fall out of the window
-		if l.Fail(a) || l.Fail(a) {
+		if first, second := l.Fail(a), l.Fail(a); first || second {
 			t.Fatal("old failures still counted")
 		}
 		if !l.Fail(a) {

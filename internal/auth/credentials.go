@@ -8,11 +8,10 @@ import (
 
 // Where a credential was found. These strings appear in logs and metrics.
 const (
-	SourceBearer = "bearer"        // Authorization: Bearer KEY
-	SourceHeader = "x-api-key"     // X-API-Key: KEY
-	SourceQuery  = "query"         // ?api_key=KEY
-	SourceToken  = "query-token"   // ?token=KEY (ComfyUI-Login clients)
-	SourceOther  = "authorization" // an Authorization header with another scheme
+	SourceBearer = "bearer"      // Authorization: Bearer KEY
+	SourceHeader = "x-api-key"   // X-API-Key: KEY
+	SourceQuery  = "query"       // ?api_key=KEY
+	SourceToken  = "query-token" // ?token=KEY (ComfyUI-Login clients)
 )
 
 // Query parameters that carry a key. "token" is what clients written for the
@@ -27,12 +26,20 @@ type Credential struct {
 	Value  string
 }
 
-// Credentials returns every credential r carries: each Authorization header,
-// each X-API-Key header, and each api_key or token query parameter.
+// Credentials returns every credential r carries: each Authorization header
+// with the Bearer scheme, each X-API-Key header, and each api_key or token
+// query parameter.
+//
+// An Authorization header with another scheme (Basic, Digest, …) is not an
+// API key and is ignored here: it may be meant for a proxy in front of
+// comfygate, and ignoring it can never let a request in. Strip still
+// removes it before the request goes upstream.
 func Credentials(r *http.Request) []Credential {
 	var creds []Credential
 	for _, v := range r.Header.Values("Authorization") {
-		creds = append(creds, parseAuthorization(v))
+		if c, ok := parseAuthorization(v); ok {
+			creds = append(creds, c)
+		}
 	}
 	for _, v := range r.Header.Values("X-Api-Key") {
 		creds = append(creds, Credential{Source: SourceHeader, Value: v})
@@ -44,13 +51,15 @@ func Credentials(r *http.Request) []Credential {
 }
 
 // parseAuthorization reads "Bearer KEY"; the scheme is case-insensitive
-// (RFC 9110 section 11.1) and may be followed by several spaces.
-func parseAuthorization(v string) Credential {
-	scheme, rest, ok := strings.Cut(strings.TrimSpace(v), " ")
-	if !ok || !strings.EqualFold(scheme, "Bearer") {
-		return Credential{Source: SourceOther}
+// (RFC 9110 section 11.1) and may be followed by several spaces. "Bearer"
+// alone is a credential with an empty (never valid) value.
+func parseAuthorization(v string) (Credential, bool) {
+	v = strings.TrimSpace(v)
+	scheme, rest, _ := strings.Cut(v, " ")
+	if !strings.EqualFold(scheme, "Bearer") {
+		return Credential{}, false
 	}
-	return Credential{Source: SourceBearer, Value: strings.TrimLeft(rest, " ")}
+	return Credential{Source: SourceBearer, Value: strings.TrimLeft(rest, " ")}, true
 }
 
 // appendQueryCredentials splits the query on '&' only, as ComfyUI's aiohttp

@@ -61,6 +61,7 @@ var readRoutes = []string{
 	"/workflow_templates", "/workflow_templates/", "/i18n", "/global_subgraphs", "/global_subgraphs/",
 	"/node_replacements", "/jobs", "/jobs/", "/ws", "/users", "/settings", "/settings/",
 	"/userdata", "/userdata/", "/v2/userdata",
+	"/metrics", // comfygate's own, on the main listener
 }
 
 // submitRoutes are POST routes (without /api) that need submit.

@@ -56,6 +56,15 @@ type Config struct {
 	KeyRateLimit, KeyPromptLimit float64
 	// AuditLog is the audit trail's file; "" writes it to stderr.
 	AuditLog string
+	// MetricsListen is a host:port serving /metrics and the probes without
+	// a key. "" puts /metrics on the main listener, behind a key.
+	MetricsListen string
+	// MaxQueue makes /health/ready fail while ComfyUI's queue (pending plus
+	// running) is at or above it; 0 is no limit.
+	MaxQueue int
+	// MetricsInterval is how often ComfyUI's queue and VRAM are polled in
+	// the background for metrics and /health/ready. Default 5s.
+	MetricsInterval time.Duration
 	// ProtectWS makes /ws need a key too.
 	ProtectWS bool
 	// TLSCertFile and TLSKeyFile, both or neither, turn on HTTPS.
@@ -103,6 +112,9 @@ type raw struct {
 	lockoutWindow                        time.Duration
 	keyRate, keyPrompts                  float64
 	auditLog                             string
+	metricsListen                        string
+	maxQueue                             int
+	metricsInterval                      time.Duration
 }
 
 func newFlagSet(r *raw) *pflag.FlagSet {
@@ -122,6 +134,9 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.Float64Var(&r.keyRate, "key-rate-limit", 0, "requests per second allowed per key (0: no limit)")
 	fs.Float64Var(&r.keyPrompts, "key-prompt-limit", 0, "prompts per minute allowed per key (0: no limit)")
 	fs.StringVar(&r.auditLog, "audit-log", "", "append the audit trail (JSON lines) to this file instead of stderr")
+	fs.StringVar(&r.metricsListen, "metrics-listen", "", "host:port for /metrics and the probes without a key (default: /metrics on the main port, behind a key)")
+	fs.IntVar(&r.maxQueue, "max-queue", 0, "/health/ready fails while ComfyUI's queue holds this many prompts or more (0: no limit)")
+	fs.DurationVar(&r.metricsInterval, "metrics-interval", 5*time.Second, "how often ComfyUI's queue and VRAM are checked in the background")
 	fs.Float64Var(&r.maxUploadMB, "max-upload-size", 100, "largest request body in MB; larger bodies get 413")
 	fs.DurationVar(&r.healthTimeout, "health-timeout", 3*time.Second, "how long /health waits for ComfyUI")
 	fs.DurationVar(&r.upstreamTimeout, "upstream-timeout", 5*time.Minute, "how long to wait for ComfyUI's response headers (0: no limit)")
@@ -217,6 +232,9 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		KeyRateLimit:    r.keyRate,
 		KeyPromptLimit:  r.keyPrompts,
 		AuditLog:        r.auditLog,
+		MetricsListen:   r.metricsListen,
+		MaxQueue:        r.maxQueue,
+		MetricsInterval: r.metricsInterval,
 	}
 	add := func(flag, format string, args ...any) {
 		problems = append(problems, name(flag)+": "+fmt.Sprintf(format, args...))
@@ -278,6 +296,23 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		} else {
 			f.Close()
 		}
+	}
+
+	// Metrics and probes.
+	if r.metricsListen != "" {
+		if host, port, err := net.SplitHostPort(r.metricsListen); err != nil {
+			add("metrics-listen", "%q is not host:port (example: 127.0.0.1:9188)", r.metricsListen)
+		} else if p, err := strconv.Atoi(port); err != nil || p < 0 || p > 65535 {
+			add("metrics-listen", "port %q is not a number from 0 to 65535", port)
+		} else if strings.ContainsAny(host, "/ ") {
+			add("metrics-listen", "%q is not a host name or IP address", host)
+		}
+	}
+	if r.maxQueue < 0 {
+		add("max-queue", "must not be negative, got %d", r.maxQueue)
+	}
+	if r.metricsInterval < 100*time.Millisecond {
+		add("metrics-interval", "must be at least 100ms, got %s", r.metricsInterval)
 	}
 
 	// Limits and timeouts.

@@ -49,6 +49,15 @@ type Report struct {
 	VRAM           *VRAM   `json:"vram,omitempty"`
 	Error          string  `json:"error,omitempty"`
 	GatewayVersion string  `json:"gateway_version,omitempty"`
+
+	// Devices lists every device ComfyUI reported, for metrics.
+	Devices []Device `json:"-"`
+}
+
+// Device is one of ComfyUI's devices and its memory in bytes.
+type Device struct {
+	Name        string
+	Total, Free int64
 }
 
 // Queue counts ComfyUI's prompts.
@@ -199,6 +208,10 @@ func (c *Checker) probe(ctx context.Context) *Report {
 		err := errors.New("/queue has no queue_running or queue_pending")
 		return c.unhealthy("ComfyUI answered /queue with something that is not a queue", err)
 	}
+	devices := make([]Device, len(stats.Devices))
+	for i, dev := range stats.Devices {
+		devices[i] = Device{Name: deviceName(dev.Type, dev.Index, dev.Name), Total: dev.VRAMTotal, Free: dev.VRAMFree}
+	}
 	d := stats.Devices[0] // ComfyUI lists the primary device first
 	version := stats.System.ComfyUIVersion
 	if version == "" {
@@ -216,6 +229,7 @@ func (c *Checker) probe(ctx context.Context) *Report {
 		Device:         deviceName(d.Type, d.Index, d.Name),
 		VRAM:           &VRAM{Total: d.VRAMTotal, Free: d.VRAMFree, Used: used},
 		GatewayVersion: c.opts.GatewayVersion,
+		Devices:        devices,
 	}
 }
 
@@ -250,6 +264,7 @@ func (c *Checker) getJSON(ctx context.Context, path string, v any) error {
 		return err
 	}
 	req.Header.Set("Accept", "application/json")
+	req.Header.Set("User-Agent", "comfygate-health-check/"+c.opts.GatewayVersion)
 	resp, err := c.opts.Client.Do(req)
 	if err != nil {
 		return err

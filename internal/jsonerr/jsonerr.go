@@ -7,6 +7,7 @@
 package jsonerr
 
 import (
+	"bytes"
 	"encoding/json"
 	"net/http"
 )
@@ -22,12 +23,15 @@ type Body struct {
 // Write sends status with a JSON Body. Headers already set on w (such as
 // WWW-Authenticate or Retry-After) are kept.
 func Write(w http.ResponseWriter, status int, code, message string) {
-	b, _ := json.Marshal(Body{Error: code, Message: message})
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	enc.SetEscapeHTML(false) // messages say <key>, not \u003ckey\u003e
+	enc.Encode(Body{Error: code, Message: message})
 	h := w.Header()
 	h.Set("Content-Type", "application/json; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Cache-Control", "no-store")
 	h.Del("Content-Length")
 	w.WriteHeader(status)
-	w.Write(append(b, '\n'))
+	w.Write(buf.Bytes())
 }

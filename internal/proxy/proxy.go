@@ -79,6 +79,9 @@ func New(target *url.URL, opts Options) *Proxy {
 // without transparent compression, so bodies pass through exactly as sent.
 func NewTransport(dialTimeout, responseHeaderTimeout time.Duration) *http.Transport {
 	t := http.DefaultTransport.(*http.Transport).Clone()
+	// ComfyUI is reached directly: HTTP_PROXY and friends are for the
+	// gateway's own outbound traffic, and the health check ignores them too.
+	t.Proxy = nil
 	t.DialContext = (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext
 	t.MaxIdleConns = 512
 	t.MaxIdleConnsPerHost = 256
@@ -165,6 +168,10 @@ func (p *Proxy) CloseStreamsOf(ctx context.Context, ids map[[32]byte]bool) int {
 
 // OpenStreams reports how many upgraded connections are open.
 func (p *Proxy) OpenStreams() int { return p.streams.len() }
+
+// StreamBytes reports the bytes WebSockets have carried: in is client to
+// ComfyUI, out is ComfyUI to client.
+func (p *Proxy) StreamBytes() (in, out int64) { return p.streams.in.Load(), p.streams.out.Load() }
 
 // bufferPool reuses the 32 KiB copy buffers ReverseProxy would otherwise
 // allocate for every response.

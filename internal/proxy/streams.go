@@ -39,6 +39,9 @@ var (
 type streams struct {
 	mu    sync.Mutex
 	conns map[*streamConn]struct{}
+
+	// Bytes carried so far: in is client to ComfyUI, out is the reverse.
+	in, out atomic.Int64
 }
 
 func (s *streams) add(c *streamConn) {
@@ -124,7 +127,9 @@ type streamConn struct {
 
 func (c *streamConn) Read(p []byte) (int, error) {
 	c.started.Store(true)
-	return c.Conn.Read(p)
+	n, err := c.Conn.Read(p)
+	c.s.in.Add(int64(n))
+	return n, err
 }
 
 func (c *streamConn) Write(p []byte) (int, error) {
@@ -147,6 +152,7 @@ func (c *streamConn) Write(p []byte) (int, error) {
 		return n, net.ErrClosed
 	}
 	n, err := c.Conn.Write(p)
+	c.s.out.Add(int64(n))
 	for q := p[:n]; len(q) > 0; {
 		k, _ := c.frames.advance(q)
 		q = q[k:]

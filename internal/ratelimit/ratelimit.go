@@ -74,18 +74,21 @@ func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
 			return next
 		}
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			name := requestlog.ScopeFrom(r.Context()).KeyName
+			scope := requestlog.ScopeFrom(r.Context())
+			name := scope.KeyName
 			if name == "" {
 				next.ServeHTTP(w, r)
 				return
 			}
 			if ok, wait := requests.Allow(name); !ok {
+				scope.AuthFailure = "rate_limited"
 				refuse(w, wait, "this API key is over its request rate limit")
 				return
 			}
 			if r.Method == http.MethodPost {
 				if _, kind := route.Of(r.URL.Path); kind == "prompt" {
 					if ok, wait := prompts.Allow(name); !ok {
+						scope.AuthFailure = "rate_limited"
 						refuse(w, wait, "this API key is over its prompt rate limit")
 						return
 					}

@@ -6,6 +6,7 @@ package requestlog
 import (
 	"bufio"
 	"context"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -46,35 +47,65 @@ type Redactor func(rawQuery string) string
 // ClientResolver finds a request's client address.
 type ClientResolver func(*http.Request) netip.Addr
 
+// Result is what an Observer learns about a finished request.
+type Result struct {
+	Method   string
+	Path     string // r.URL.Path, decoded, without the query
+	Status   int
+	BytesIn  int64 // request body bytes read
+	BytesOut int64 // response body bytes written
+	Duration time.Duration
+	Scope    *Scope
+}
+
+// Observer is told about every finished request (metrics).
+type Observer func(*Result)
+
 // Middleware logs one line per request at level Info on logger, after the
 // request is done: method, path (query redacted by redact), status, bytes
 // written, duration, client address and key name. A WebSocket is logged when
 // it closes, with status 101 and its lifetime as the duration.
-func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver) func(http.Handler) http.Handler {
+func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver, observe Observer) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			start := time.Now()
 			scope := &Scope{Client: client(r)}
 			rec := &recorder{ResponseWriter: w}
-			path, query := r.URL.Path, r.URL.RawQuery
+			// The path as sent (escaped), so a log shows /assets/%2e%2e/x,
+			// not the decoded /assets/../x.
+			path, rawPath, query := r.URL.Path, r.URL.EscapedPath(), r.URL.RawQuery
 			method := r.Method
+			var body *countingBody
+			if r.Body != nil && r.Body != http.NoBody {
+				body = &countingBody{ReadCloser: r.Body}
+				r.Body = body
+			}
 			// Log in a defer: ReverseProxy aborts a response whose upstream
 			// body fails midway with a panic (http.ErrAbortHandler), and
 			// that request deserves its line too.
 			defer func() {
-				if query != "" {
-					path += "?" + redact(query)
-				}
 				status := rec.status
 				if status == 0 {
 					status = http.StatusOK
 				}
+				elapsed := time.Since(start)
+				if observe != nil {
+					res := &Result{Method: method, Path: path, Status: status, BytesOut: rec.bytes, Duration: elapsed, Scope: scope}
+					if body != nil {
+						res.BytesIn = body.n
+					}
+					observe(res)
+				}
+				logged := rawPath
+				if query != "" {
+					logged += "?" + redact(query)
+				}
 				attrs := []slog.Attr{
 					slog.String("method", method),
-					slog.String("path", path),
+					slog.String("path", logged),
 					slog.Int("status", status),
 					slog.Int64("bytes", rec.bytes),
-					slog.Float64("duration_ms", float64(time.Since(start).Microseconds())/1000),
+					slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 					slog.String("client", scope.Client.String()),
 				}
 				if scope.KeyName != "" {
@@ -93,6 +124,18 @@ func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver) fun
 			next.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), scopeKey{}, scope)))
 		})
 	}
+}
+
+// countingBody counts the request body bytes read through it.
+type countingBody struct {
+	io.ReadCloser
+	n int64
+}
+
+func (c *countingBody) Read(p []byte) (int, error) {
+	n, err := c.ReadCloser.Read(p)
+	c.n += int64(n)
+	return n, err
 }
 
 // recorder notes the status and size of a response. It passes Flush and

@@ -54,5 +54,10 @@ func Of(path string) (route, kind string) {
 	if p == "/" {
 		return "/", "ui"
 	}
+	// comfygate's own endpoints (never under /api).
+	switch path {
+	case "/health", "/health/live", "/health/ready", "/metrics":
+		return path, strings.TrimPrefix(path, "/")
+	}
 	return "other", "other"
 }

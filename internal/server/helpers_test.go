@@ -7,6 +7,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -38,13 +39,15 @@ const (
 // gateway is comfygate serving on a real loopback listener in front of a
 // fake ComfyUI, with its log captured.
 type gateway struct {
-	URL    string // http://127.0.0.1:port
-	Addr   string // 127.0.0.1:port
-	Fake   *comfytest.Fake
-	Server *Server
-	logs   *syncBuffer
-	cancel context.CancelFunc
-	done   chan error
+	URL  string // http://127.0.0.1:port
+	Addr string // 127.0.0.1:port
+	// MetricsURL is the --metrics-listen address, if set.
+	MetricsURL string
+	Fake       *comfytest.Fake
+	Server     *Server
+	logs       *syncBuffer
+	cancel     context.CancelFunc
+	done       chan error
 }
 
 type syncBuffer struct {
@@ -74,6 +77,9 @@ func start(t *testing.T, fakeOpts comfytest.Options, args ...string) *gateway {
 
 func startWith(t *testing.T, fake *comfytest.Fake, args ...string) *gateway {
 	t.Helper()
+	// The background check of ComfyUI runs once at start and then, unless a
+	// test asks otherwise, not again: tests count what the fake received.
+	args = append([]string{"--metrics-interval", "1h"}, args...)
 	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
 	if err != nil {
 		t.Fatalf("config: %v", err)
@@ -98,9 +104,38 @@ func startWith(t *testing.T, fake *comfytest.Fake, args ...string) *gateway {
 		scheme = "https"
 	}
 	g.URL = scheme + "://" + g.Addr
-	go func() { g.done <- srv.Serve(ctx, []net.Listener{ln}) }()
+	mln, err := srv.ListenMetrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mln != nil {
+		g.MetricsURL = "http://" + mln.Addr().String()
+	}
+	go func() { g.done <- srv.Serve(ctx, []net.Listener{ln}, mln) }()
 	t.Cleanup(func() { g.stop(t) })
+	g.waitFirstCheck(t)
 	return g
+}
+
+// waitFirstCheck waits for the start-up check of ComfyUI, then forgets what
+// the fake received from it.
+func (g *gateway) waitFirstCheck(t *testing.T) {
+	t.Helper()
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	defer hc.CloseIdleConnections()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		resp, err := hc.Get(g.URL + "/health/ready")
+		if err != nil {
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(b), "has not been checked yet") {
+			g.Fake.Reset()
+			return
+		}
+	}
+	t.Fatal("the gateway never checked ComfyUI")
 }
 
 // stop shuts the gateway down and waits for Serve to return.

@@ -22,6 +22,7 @@ import (
 	"github.com/comfygate/comfygate/internal/clientip"
 	"github.com/comfygate/comfygate/internal/config"
 	"github.com/comfygate/comfygate/internal/health"
+	"github.com/comfygate/comfygate/internal/metrics"
 	"github.com/comfygate/comfygate/internal/proxy"
 	"github.com/comfygate/comfygate/internal/ratelimit"
 	"github.com/comfygate/comfygate/internal/requestlog"
@@ -33,9 +34,13 @@ type Server struct {
 	log     *slog.Logger
 	keys    *auth.Reloader
 	audit   *audit.Log
+	metrics *metrics.Metrics
 	proxy   *proxy.Proxy
 	health  *health.Checker
+	monitor *health.Monitor
 	handler http.Handler
+	// metricsHandler serves --metrics-listen (nil when it is not set).
+	metricsHandler http.Handler
 }
 
 // New builds the handler chain for cfg. version is reported by /health; the
@@ -52,32 +57,60 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		return nil, fmt.Errorf("--audit-log: %w", err)
 	}
 	s.keys = auth.NewReloader(cfg.KeyFile, cfg.StaticKeys, cfg.Keys[len(cfg.StaticKeys):], logger)
+	s.metrics = metrics.New(version, metrics.Sources{
+		OpenWebSockets: func() int { return s.proxy.OpenStreams() },
+		WebSocketBytes: func() (int64, int64) { return s.proxy.StreamBytes() },
+	})
+	s.metrics.SetKeys(s.keys.KeySet().Len())
+	if transport == nil {
+		transport = proxy.NewTransport(5*time.Second, cfg.UpstreamTimeout)
+	}
 	s.proxy = proxy.New(cfg.Upstream, proxy.Options{
-		StripCredentials:      len(cfg.Keys) > 0,
-		MaxBodyBytes:          cfg.MaxBodyBytes,
-		ResponseHeaderTimeout: cfg.UpstreamTimeout,
-		Transport:             transport,
-		Logger:                logger,
+		StripCredentials: len(cfg.Keys) > 0,
+		MaxBodyBytes:     cfg.MaxBodyBytes,
+		Transport:        s.metrics.Transport(transport),
+		Logger:           logger,
 	})
 	s.health = health.New(cfg.Upstream, health.Options{
 		Timeout:        cfg.HealthTimeout,
 		GatewayVersion: version,
 		Logger:         logger,
 	})
+	s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
 	s.keys.OnChange(s.keysChanged)
 	lockout := auth.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
 
+	// comfygate's own endpoints. The probes never need a key; /metrics is
+	// behind the key on the main listener, or on --metrics-listen without.
+	public := map[string]http.Handler{
+		"/health":       s.health,
+		"/health/live":  s.monitor.Live(),
+		"/health/ready": s.monitor.Ready(),
+	}
+	upstream := http.Handler(s.proxy)
+	if cfg.MetricsListen == "" {
+		upstream = routes(map[string]http.Handler{"/metrics": s.metrics.Handler()}, s.proxy)
+	} else {
+		own := map[string]http.Handler{"/metrics": s.metrics.Handler()}
+		for p, h := range public {
+			own[p] = h
+		}
+		s.metricsHandler = Chain(routes(own, http.NotFoundHandler()),
+			requestlog.Middleware(logger, auth.RedactQuery, clientip.New(nil).Resolve, nil))
+	}
+
 	// The chain, outermost first:
 	//   requestlog  one line per request (client address resolved once,
-	//               key names and redacted paths only)
-	//   routes      comfygate's own endpoints (/health), never behind the key
+	//               key names and redacted paths only) and the metrics
+	//   routes      the probes, never behind the key
 	//   audit       one line per state-changing request, refusals included
 	//   auth        lockout, API keys and scopes; a no-op when none are configured
 	//   ratelimit   per-key request and prompt limits
+	//   /metrics    on the main listener (unless --metrics-listen)
 	//   proxy       ComfyUI, credentials stripped, bodies capped
 	clients := clientip.New(cfg.TrustedProxies)
 	s.handler = Chain(
-		routes(s.health, Chain(s.proxy,
+		routes(public, Chain(upstream,
 			s.audit.Middleware(),
 			auth.Middleware(s.keys, auth.Options{
 				ProtectWS: cfg.ProtectWS,
@@ -89,13 +122,27 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 				ratelimit.New(cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
 			),
 		)),
-		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve),
+		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, s.metrics.Observe),
 	)
 	return s, nil
 }
 
+// upstreamChecked feeds each background check of ComfyUI to the metrics.
+func (s *Server) upstreamChecked(rep *health.Report) {
+	if !rep.Healthy() {
+		s.metrics.SetUpstream(false, 0, 0, nil)
+		return
+	}
+	devices := make([]metrics.Device, len(rep.Devices))
+	for i, d := range rep.Devices {
+		devices[i] = metrics.Device{Name: d.Name, Total: d.Total, Free: d.Free}
+	}
+	s.metrics.SetUpstream(true, rep.Queue.Pending, rep.Queue.Running, devices)
+}
+
 // keysChanged closes the WebSockets of removed keys and audits the reload.
 func (s *Server) keysChanged(c auth.Change) {
+	s.metrics.KeyReload(c.Err == nil, c.Keys)
 	if c.Err != nil {
 		s.audit.Write(audit.Event{Audit: "key_reload", Outcome: "failed", Detail: c.Err.Error()})
 		return
@@ -142,18 +189,24 @@ func Chain(h http.Handler, mw ...Middleware) http.Handler {
 	return h
 }
 
-// routes serves comfygate's own endpoints and sends everything else on.
-// It does not use http.ServeMux, which would redirect unclean paths such as
-// //prompt instead of passing them to ComfyUI unchanged.
-func routes(h *health.Checker, next http.Handler) http.Handler {
+// routes serves the handlers in own, by exact path, for GET and HEAD, and
+// sends everything else on. It does not use http.ServeMux, which would
+// redirect unclean paths such as //prompt instead of passing them to
+// ComfyUI unchanged.
+func routes(own map[string]http.Handler, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/health" && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
-			h.ServeHTTP(w, r)
-			return
+		if r.Method == http.MethodGet || r.Method == http.MethodHead {
+			if h, ok := own[r.URL.Path]; ok {
+				h.ServeHTTP(w, r)
+				return
+			}
 		}
 		next.ServeHTTP(w, r)
 	})
 }
+
+// Metrics returns the metrics, for tests.
+func (s *Server) Metrics() *metrics.Metrics { return s.metrics }
 
 // Handler returns the whole handler chain.
 func (s *Server) Handler() http.Handler { return s.handler }
@@ -183,10 +236,23 @@ func (s *Server) Listen() ([]net.Listener, error) {
 	return lns, nil
 }
 
-// Serve serves on lns until ctx is done, then shuts down gracefully:
+// ListenMetrics binds --metrics-listen, or returns nil when it is not set.
+func (s *Server) ListenMetrics() (net.Listener, error) {
+	if s.cfg.MetricsListen == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", s.cfg.MetricsListen)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: cannot listen on %s: %w", s.cfg.MetricsListen, err)
+	}
+	return ln, nil
+}
+
+// Serve serves on lns (and on metricsLn, if not nil, the metrics and probes)
+// until ctx is done, then shuts down gracefully:
 // in-flight requests get cfg.ShutdownTimeout to finish, and every WebSocket
 // is closed with code 1001. It returns nil after a clean shutdown.
-func (s *Server) Serve(ctx context.Context, lns []net.Listener) error {
+func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Listener) error {
 	srv := &http.Server{
 		Handler:           s.handler,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -212,11 +278,22 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener) error {
 		}
 	}
 
-	errc := make(chan error, len(lns))
+	errc := make(chan error, len(lns)+1)
 	var wg sync.WaitGroup
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	wg.Go(func() { s.keys.Watch(watchCtx, time.Second) })
+	wg.Go(func() { s.monitor.Run(watchCtx) })
+	var metricsSrv *http.Server
+	if metricsLn != nil && s.metricsHandler != nil {
+		metricsSrv = &http.Server{Handler: s.metricsHandler, ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+		wg.Go(func() {
+			if err := metricsSrv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		})
+	}
 	for _, ln := range lns {
 		if s.cfg.TLS() {
 			ln = tls.NewListener(ln, srv.TLSConfig)
@@ -238,6 +315,9 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener) error {
 	defer cancel()
 	var streams sync.WaitGroup
 	streams.Go(func() { s.proxy.CloseStreams(shCtx) })
+	if metricsSrv != nil {
+		metricsSrv.Shutdown(shCtx)
+	}
 	if err := srv.Shutdown(shCtx); err != nil {
 		s.log.Warn("shutdown timed out; closing the remaining connections", "err", err)
 		srv.Close()

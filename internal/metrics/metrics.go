@@ -1,0 +1,250 @@
+// Package metrics exposes comfygate's Prometheus metrics: traffic through the
+// gateway by route, authentication failures, use per key, ComfyUI's health,
+// queue and VRAM, WebSockets and bytes. Everything lives in a private
+// registry owned by a Metrics value, so tests can build many in parallel.
+//
+// Labels are bounded by construction: route patterns (see package route),
+// HTTP methods and status codes, key names from the key file, device names
+// from ComfyUI. No label ever holds a raw path, a query or a key.
+package metrics
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/route"
+)
+
+const namespace = "comfygate"
+
+// Metrics owns the registry and every comfygate metric.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	requests         *prometheus.CounterVec
+	requestDuration  *prometheus.HistogramVec
+	upstreamDuration *prometheus.HistogramVec
+	upstreamErrors   *prometheus.CounterVec
+	authFailures     *prometheus.CounterVec
+	keyRequests      *prometheus.CounterVec
+	keyPrompts       *prometheus.CounterVec
+	upstreamUp       prometheus.Gauge
+	queuePending     prometheus.Gauge
+	queueRunning     prometheus.Gauge
+	vramTotal        *prometheus.GaugeVec
+	vramFree         *prometheus.GaugeVec
+	bytes            *prometheus.CounterVec
+	keyReloads       *prometheus.CounterVec
+	keysLoaded       prometheus.Gauge
+}
+
+// Sources are figures read at scrape time from other parts of comfygate.
+type Sources struct {
+	// OpenWebSockets counts proxied WebSockets now open.
+	OpenWebSockets func() int
+	// WebSocketBytes reports bytes carried by WebSockets so far, client to
+	// ComfyUI (in) and back (out).
+	WebSocketBytes func() (in, out int64)
+}
+
+// latencyBuckets suit a proxy in front of ComfyUI: sub-millisecond for
+// cached JSON, seconds for /object_info and big graphs.
+var latencyBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30}
+
+// New returns Metrics registered in a new private registry, with the Go and
+// process collectors and comfygate_build_info.
+func New(version string, src Sources) *Metrics {
+	m := &Metrics{reg: prometheus.NewRegistry()}
+	f := factory{m.reg}
+	m.requests = f.counterVec("http_requests_total", "Requests answered, by route pattern, method and status code.", "route", "method", "code")
+	m.requestDuration = f.histogramVec("http_request_duration_seconds", "Time to answer a request through the gateway, by route pattern (WebSockets: until they close).", "route")
+	m.upstreamDuration = f.histogramVec("upstream_request_duration_seconds", "Time until ComfyUI's response headers, by route pattern.", "route")
+	m.upstreamErrors = f.counterVec("upstream_errors_total", "Requests that got no answer from ComfyUI, by reason (unreachable, timeout, canceled).", "reason")
+	m.authFailures = f.counterVec("auth_failures_total", "Requests refused by the gateway, by reason (missing, invalid, scope, locked_out, rate_limited).", "reason")
+	m.keyRequests = f.counterVec("key_requests_total", "Requests made with each API key, by key name.", "key")
+	m.keyPrompts = f.counterVec("key_prompts_total", "Prompts queued (POST /prompt answered 200) with each API key, by key name.", "key")
+	m.upstreamUp = f.gauge("upstream_up", "1 if the last background check of ComfyUI succeeded, else 0.")
+	m.queuePending = f.gauge("comfyui_queue_pending", "Prompts waiting in ComfyUI's queue at the last check.")
+	m.queueRunning = f.gauge("comfyui_queue_running", "Prompts running in ComfyUI at the last check.")
+	m.vramTotal = f.gaugeVec("comfyui_vram_total_bytes", "Memory of each ComfyUI device at the last check.", "device")
+	m.vramFree = f.gaugeVec("comfyui_vram_free_bytes", "Free memory of each ComfyUI device at the last check.", "device")
+	m.bytes = f.counterVec("proxied_bytes_total", "Bytes carried through the gateway: in is request bodies and WebSocket frames to ComfyUI, out is responses and frames from it.", "direction")
+	m.keyReloads = f.counterVec("key_reloads_total", "Key file reloads, by result (ok, failed).", "result")
+	m.keysLoaded = f.gauge("keys_loaded", "API keys in force.")
+
+	build := f.gaugeVec("build_info", "Always 1; the version label says which comfygate is running.", "version")
+	build.WithLabelValues(version).Set(1)
+	if src.OpenWebSockets != nil {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "websockets_open", Help: "Proxied WebSockets open now.",
+		}, func() float64 { return float64(src.OpenWebSockets()) }))
+	}
+	if src.WebSocketBytes != nil {
+		m.reg.MustRegister(wsBytesCollector{desc: prometheus.NewDesc(namespace+"_websocket_bytes_total",
+			"Bytes carried by WebSockets, by direction (in: to ComfyUI, out: from it).", []string{"direction"}, nil), read: src.WebSocketBytes})
+	}
+	for _, r := range []string{"ok", "failed"} {
+		m.keyReloads.WithLabelValues(r)
+	}
+	for _, d := range []string{"in", "out"} {
+		m.bytes.WithLabelValues(d)
+	}
+	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Registry returns the private registry (tests, extra collectors).
+func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
+
+// Handler serves the registry in the Prometheus text format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
+}
+
+// knownMethods keeps the method label bounded.
+var knownMethods = map[string]bool{"GET": true, "HEAD": true, "POST": true, "PUT": true, "PATCH": true, "DELETE": true, "OPTIONS": true}
+
+// Observe records a finished request; it is a requestlog.Observer.
+func (m *Metrics) Observe(r *requestlog.Result) {
+	pattern, kind := route.Of(r.Path)
+	method := r.Method
+	if !knownMethods[method] {
+		method = "other"
+	}
+	m.requests.WithLabelValues(pattern, method, strconv.Itoa(r.Status)).Inc()
+	if kind != "ws" {
+		m.requestDuration.WithLabelValues(pattern).Observe(r.Duration.Seconds())
+	}
+	if f := r.Scope.AuthFailure; f != "" {
+		m.authFailures.WithLabelValues(f).Inc()
+	}
+	if k := r.Scope.KeyName; k != "" {
+		m.keyRequests.WithLabelValues(k).Inc()
+		if kind == "prompt" && r.Method == http.MethodPost && r.Status == http.StatusOK {
+			m.keyPrompts.WithLabelValues(k).Inc()
+		}
+	}
+	if r.BytesIn > 0 {
+		m.bytes.WithLabelValues("in").Add(float64(r.BytesIn))
+	}
+	if r.BytesOut > 0 {
+		m.bytes.WithLabelValues("out").Add(float64(r.BytesOut))
+	}
+}
+
+// ObserveUpstream records one exchange with ComfyUI: the time to its
+// response headers, or why there was none.
+func (m *Metrics) ObserveUpstream(path string, d time.Duration, errReason string) {
+	if errReason != "" {
+		m.upstreamErrors.WithLabelValues(errReason).Inc()
+		return
+	}
+	pattern, _ := route.Of(path)
+	m.upstreamDuration.WithLabelValues(pattern).Observe(d.Seconds())
+}
+
+// Device is one ComfyUI device's memory.
+type Device struct {
+	Name        string
+	Total, Free int64
+}
+
+// SetUpstream records the result of a background check of ComfyUI.
+func (m *Metrics) SetUpstream(up bool, pending, running int, devices []Device) {
+	if !up {
+		m.upstreamUp.Set(0)
+		return
+	}
+	m.upstreamUp.Set(1)
+	m.queuePending.Set(float64(pending))
+	m.queueRunning.Set(float64(running))
+	m.vramTotal.Reset()
+	m.vramFree.Reset()
+	for _, d := range devices {
+		m.vramTotal.WithLabelValues(d.Name).Set(float64(d.Total))
+		m.vramFree.WithLabelValues(d.Name).Set(float64(d.Free))
+	}
+}
+
+// KeyReload records a key-file reload and the number of keys in force.
+func (m *Metrics) KeyReload(ok bool, keys int) {
+	if ok {
+		m.keyReloads.WithLabelValues("ok").Inc()
+	} else {
+		m.keyReloads.WithLabelValues("failed").Inc()
+	}
+	m.keysLoaded.Set(float64(keys))
+}
+
+// SetKeys records the number of keys in force.
+func (m *Metrics) SetKeys(n int) { m.keysLoaded.Set(float64(n)) }
+
+// factory registers metrics under the comfygate namespace.
+type factory struct{ reg *prometheus.Registry }
+
+func (f factory) counterVec(name, help string, labels ...string) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help}, labels)
+	f.reg.MustRegister(c)
+	return c
+}
+
+func (f factory) histogramVec(name, help string, labels ...string) *prometheus.HistogramVec {
+	h := prometheus.NewHistogramVec(prometheus.HistogramOpts{Namespace: namespace, Name: name, Help: help, Buckets: latencyBuckets}, labels)
+	f.reg.MustRegister(h)
+	return h
+}
+
+func (f factory) gauge(name, help string) prometheus.Gauge {
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: name, Help: help})
+	f.reg.MustRegister(g)
+	return g
+}
+
+func (f factory) gaugeVec(name, help string, labels ...string) *prometheus.GaugeVec {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: namespace, Name: name, Help: help}, labels)
+	f.reg.MustRegister(g)
+	return g
+}
+
+// wsBytesCollector reads the WebSocket byte counters at scrape time.
+type wsBytesCollector struct {
+	desc *prometheus.Desc
+	read func() (in, out int64)
+}
+
+func (c wsBytesCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c wsBytesCollector) Collect(ch chan<- prometheus.Metric) {
+	in, out := c.read()
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(in), "in")
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(out), "out")
+}
+
+// Transport wraps base so that every exchange with ComfyUI is timed.
+func (m *Metrics) Transport(base http.RoundTripper) http.RoundTripper {
+	return roundTripper{base: base, m: m}
+}
+
+type roundTripper struct {
+	base http.RoundTripper
+	m    *Metrics
+}
+
+func (t roundTripper) RoundTrip(r *http.Request) (*http.Response, error) {
+	start := time.Now()
+	resp, err := t.base.RoundTrip(r)
+	if err != nil {
+		if reason := upstreamReason(r, err); reason != "" {
+			t.m.ObserveUpstream(r.URL.Path, 0, reason)
+		}
+		return nil, err
+	}
+	t.m.ObserveUpstream(r.URL.Path, time.Since(start), "")
+	return resp, nil
+}
