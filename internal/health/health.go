@@ -316,3 +316,6 @@ func (c *Checker) unhealthy(msg string, err error) *Report {
 func unixSeconds(t time.Time) float64 {
 	return float64(t.UnixMilli()) / 1000
 }
+
+// SetClient replaces the client used to reach ComfyUI (tests).
+func (c *Checker) SetClient(hc *http.Client) { c.opts.Client = hc }
