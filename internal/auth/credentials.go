@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+
+	"github.com/comfygate/comfygate/internal/session"
 )
 
 // Where a credential was found. These strings appear in logs and metrics.
@@ -122,11 +124,43 @@ func hasQueryCredential(rawQuery string) bool {
 func Strip(r *http.Request) {
 	r.Header.Del("Authorization")
 	r.Header.Del("X-Api-Key")
+	stripSessionCookie(r.Header)
 	if r.URL != nil && hasQueryCredential(r.URL.RawQuery) {
 		r.URL.RawQuery = filterQuery(r.URL.RawQuery, func(pair string) string { return "" })
 		if r.URL.RawQuery == "" {
 			r.URL.ForceQuery = false
 		}
+	}
+}
+
+// stripSessionCookie removes comfygate's session cookie from the Cookie
+// headers and keeps every other cookie as it was.
+func stripSessionCookie(h http.Header) {
+	values := h["Cookie"]
+	if len(values) == 0 {
+		return
+	}
+	var kept []string
+	for _, v := range values {
+		if !strings.Contains(v, session.CookieName) {
+			kept = append(kept, v)
+			continue
+		}
+		var parts []string
+		for _, c := range strings.Split(v, ";") {
+			name, _, _ := strings.Cut(strings.TrimSpace(c), "=")
+			if name != session.CookieName {
+				parts = append(parts, strings.TrimSpace(c))
+			}
+		}
+		if len(parts) > 0 {
+			kept = append(kept, strings.Join(parts, "; "))
+		}
+	}
+	if len(kept) == 0 {
+		h.Del("Cookie")
+	} else {
+		h["Cookie"] = kept
 	}
 }
 

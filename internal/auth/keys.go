@@ -95,6 +95,18 @@ func (s *KeySet) Has(id KeyID) bool {
 	return ok
 }
 
+// ByID returns the key with this id.
+func (s *KeySet) ByID(id KeyID) (Key, bool) {
+	if s == nil {
+		return Key{}, false
+	}
+	i, ok := s.byID[id]
+	if !ok {
+		return Key{}, false
+	}
+	return s.keys[i], true
+}
+
 // Lookup returns the key whose secret is candidate.
 //
 // The candidate is hashed first and the set is searched by hash. Timing can

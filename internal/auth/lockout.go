@@ -43,6 +43,14 @@ func lockoutKey(a netip.Addr) netip.Addr {
 	return a
 }
 
+// Window is how long failures are counted and a lockout lasts.
+func (l *Lockout) Window() time.Duration {
+	if l == nil {
+		return 0
+	}
+	return l.window
+}
+
 // Locked reports whether a is locked out, and for how long still.
 func (l *Lockout) Locked(a netip.Addr) (time.Duration, bool) {
 	if l == nil || !a.IsValid() {

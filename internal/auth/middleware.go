@@ -8,6 +8,7 @@ import (
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/session"
 )
 
 // Source hands out the current key set. A Reloader is one; so is Static.
@@ -31,6 +32,11 @@ type Options struct {
 	Lockout *Lockout
 	// OnLockout, if set, is called when a client has just been locked out.
 	OnLockout func(r *http.Request, client netip.Addr, until time.Duration)
+	// Sessions, if not nil, turns on browser login: a request without a key
+	// may carry a session cookie, checked against cross-site use, and a
+	// browser that navigates to a page without one is sent to LoginPath.
+	Sessions  *session.Store
+	LoginPath string
 }
 
 // Reasons a request was refused, as recorded in the request scope.
@@ -39,6 +45,8 @@ const (
 	FailureInvalid = "invalid"
 	FailureScope   = "scope"
 	FailureLocked  = "locked_out"
+	// FailureCrossSite: a session cookie came with a request from another site.
+	FailureCrossSite = "cross_site"
 )
 
 // Middleware returns the authentication layer. With no keys configured it
@@ -64,10 +72,23 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				TooManyRequests(w, left, "too many failed attempts from this address; try again later")
 				return
 			}
-			key, failure := check(ks, Credentials(r))
-			if Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS) != Protected {
+			creds := Credentials(r)
+			key, failure := check(ks, creds)
+			viaCookie := false
+			if len(creds) == 0 && opts.Sessions != nil {
+				if k, ok := sessionKey(ks, opts.Sessions, r); ok {
+					key, failure, viaCookie = k, "", true
+				}
+			}
+			access := Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS)
+			if access != Protected {
 				if failure == "" {
 					scope.KeyName, scope.KeyID = key.Name, key.ID()
+				} else if opts.Sessions != nil && r.URL.Path == "/" && wantsLogin(r) {
+					// The UI page itself is public, but without a session
+					// every call it makes would fail: log in first.
+					loginRedirect(w, r, opts.LoginPath)
+					return
 				}
 				next.ServeHTTP(w, r)
 				return
@@ -75,9 +96,19 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 			if failure != "" {
 				scope.AuthFailure = failure
 				if failure == FailureInvalid && opts.Lockout.Fail(scope.Client) && opts.OnLockout != nil {
-					opts.OnLockout(r, scope.Client, opts.Lockout.window)
+					opts.OnLockout(r, scope.Client, opts.Lockout.Window())
+				}
+				if failure == FailureMissing && opts.Sessions != nil && wantsLogin(r) {
+					loginRedirect(w, r, opts.LoginPath)
+					return
 				}
 				Unauthorized(w, failure)
+				return
+			}
+			if viaCookie && !SameOrigin(r) {
+				scope.AuthFailure = FailureCrossSite
+				jsonerr.Write(w, http.StatusForbidden, "cross_site",
+					"a request from another site cannot use this browser's comfygate session; send an API key instead")
 				return
 			}
 			scope.KeyName, scope.KeyID = key.Name, key.ID()
@@ -90,6 +121,25 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 		})
 	}
+}
+
+// sessionKey returns the key behind the request's session cookie. A session
+// whose key is no longer configured ends here.
+func sessionKey(ks *KeySet, sessions *session.Store, r *http.Request) (Key, bool) {
+	id := session.FromRequest(r)
+	if id == "" {
+		return Key{}, false
+	}
+	sess, ok := sessions.Get(id)
+	if !ok {
+		return Key{}, false
+	}
+	k, ok := ks.ByID(sess.KeyID)
+	if !ok {
+		sessions.Delete(id)
+		return Key{}, false
+	}
+	return k, true
 }
 
 // check validates every credential. When all are valid it returns the key

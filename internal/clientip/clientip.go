@@ -71,6 +71,11 @@ func (r *Resolver) Resolve(req *http.Request) netip.Addr {
 	return addr
 }
 
+// FromTrustedProxy reports whether req's direct peer is a trusted proxy.
+func (r *Resolver) FromTrustedProxy(req *http.Request) bool {
+	return r.isTrusted(peerAddr(req.RemoteAddr))
+}
+
 func (r *Resolver) isTrusted(a netip.Addr) bool {
 	for _, p := range r.trusted {
 		if p.Contains(a) {

@@ -56,6 +56,11 @@ type Config struct {
 	KeyRateLimit, KeyPromptLimit float64
 	// AuditLog is the audit trail's file; "" writes it to stderr.
 	AuditLog string
+	// Login serves /login and accepts browser sessions when keys are set.
+	// Default true.
+	Login bool
+	// SessionTTL is how long a browser session lasts. Default 12h.
+	SessionTTL time.Duration
 	// MetricsListen is a host:port serving /metrics and the probes without
 	// a key. "" puts /metrics on the main listener, behind a key.
 	MetricsListen string
@@ -113,6 +118,8 @@ type raw struct {
 	keyRate, keyPrompts                  float64
 	auditLog                             string
 	metricsListen                        string
+	login                                bool
+	sessionTTL                           time.Duration
 	maxQueue                             int
 	metricsInterval                      time.Duration
 }
@@ -134,6 +141,8 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.Float64Var(&r.keyRate, "key-rate-limit", 0, "requests per second allowed per key (0: no limit)")
 	fs.Float64Var(&r.keyPrompts, "key-prompt-limit", 0, "prompts per minute allowed per key (0: no limit)")
 	fs.StringVar(&r.auditLog, "audit-log", "", "append the audit trail (JSON lines) to this file instead of stderr")
+	fs.BoolVar(&r.login, "login", true, "serve a login page at /login so browsers (the ComfyUI web UI) can sign in with a key and use a session cookie")
+	fs.DurationVar(&r.sessionTTL, "session-ttl", 12*time.Hour, "how long a browser session lasts")
 	fs.StringVar(&r.metricsListen, "metrics-listen", "", "host:port for /metrics and the probes without a key (default: /metrics on the main port, behind a key)")
 	fs.IntVar(&r.maxQueue, "max-queue", 0, "/health/ready fails while ComfyUI's queue holds this many prompts or more (0: no limit)")
 	fs.DurationVar(&r.metricsInterval, "metrics-interval", 5*time.Second, "how often ComfyUI's queue and VRAM are checked in the background")
@@ -233,6 +242,8 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		KeyPromptLimit:  r.keyPrompts,
 		AuditLog:        r.auditLog,
 		MetricsListen:   r.metricsListen,
+		Login:           r.login,
+		SessionTTL:      r.sessionTTL,
 		MaxQueue:        r.maxQueue,
 		MetricsInterval: r.metricsInterval,
 	}
@@ -307,6 +318,9 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		} else if strings.ContainsAny(host, "/ ") {
 			add("metrics-listen", "%q is not a host name or IP address", host)
 		}
+	}
+	if r.sessionTTL < time.Minute {
+		add("session-ttl", "must be at least 1m, got %s", r.sessionTTL)
 	}
 	if r.maxQueue < 0 {
 		add("max-queue", "must not be negative, got %d", r.maxQueue)

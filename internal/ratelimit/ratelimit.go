@@ -40,6 +40,19 @@ func New(perSecond, burst float64) *Limiter {
 	return &Limiter{rate: perSecond, burst: burst, buckets: make(map[string]*bucket)}
 }
 
+// maxBuckets bounds the memory of a limiter keyed by client address.
+const maxBuckets = 100_000
+
+// sweep drops buckets that have refilled completely: forgetting them
+// changes nothing. l.mu must be held.
+func (l *Limiter) sweep(now time.Time) {
+	for k, b := range l.buckets {
+		if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
+			delete(l.buckets, k)
+		}
+	}
+}
+
 // Allow takes one token from key's bucket. When the bucket is empty it
 // reports how long until a token is back.
 func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
@@ -51,6 +64,9 @@ func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
 	defer l.mu.Unlock()
 	b := l.buckets[key]
 	if b == nil {
+		if len(l.buckets) >= maxBuckets {
+			l.sweep(now)
+		}
 		b = &bucket{tokens: l.burst, last: now}
 		l.buckets[key] = b
 	}

@@ -56,7 +56,7 @@ func Of(path string) (route, kind string) {
 	}
 	// comfygate's own endpoints (never under /api).
 	switch path {
-	case "/health", "/health/live", "/health/ready", "/metrics":
+	case "/health", "/health/live", "/health/ready", "/metrics", "/login", "/logout":
 		return path, strings.TrimPrefix(path, "/")
 	}
 	return "other", "other"

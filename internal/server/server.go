@@ -22,10 +22,12 @@ import (
 	"github.com/comfygate/comfygate/internal/clientip"
 	"github.com/comfygate/comfygate/internal/config"
 	"github.com/comfygate/comfygate/internal/health"
+	"github.com/comfygate/comfygate/internal/login"
 	"github.com/comfygate/comfygate/internal/metrics"
 	"github.com/comfygate/comfygate/internal/proxy"
 	"github.com/comfygate/comfygate/internal/ratelimit"
 	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/session"
 )
 
 // Server is a configured comfygate, ready to serve.
@@ -38,7 +40,9 @@ type Server struct {
 	proxy   *proxy.Proxy
 	health  *health.Checker
 	monitor *health.Monitor
-	handler http.Handler
+	// sessions holds browser sessions (nil when login is off or no keys).
+	sessions *session.Store
+	handler  http.Handler
 	// metricsHandler serves --metrics-listen (nil when it is not set).
 	metricsHandler http.Handler
 }
@@ -79,6 +83,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
 	s.keys.OnChange(s.keysChanged)
 	lockout := auth.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
+	clients := clientip.New(cfg.TrustedProxies)
 
 	// comfygate's own endpoints. The probes never need a key; /metrics is
 	// behind the key on the main listener, or on --metrics-listen without.
@@ -99,24 +104,49 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			requestlog.Middleware(logger, auth.RedactQuery, clientip.New(nil).Resolve, nil))
 	}
 
+	// Browser login, when keys are configured: /login and /logout, and
+	// session cookies accepted in place of a key.
+	authOpts := auth.Options{ProtectWS: cfg.ProtectWS, Lockout: lockout, OnLockout: s.lockedOut}
+	loginRoutes := func(next http.Handler) http.Handler { return next }
+	if cfg.Login && len(cfg.Keys) > 0 {
+		s.sessions = session.NewStore(cfg.SessionTTL)
+		authOpts.Sessions, authOpts.LoginPath = s.sessions, login.Path
+		lh := &login.Handler{
+			Keys:      s.keys,
+			Sessions:  s.sessions,
+			Attempts:  ratelimit.New(5.0/60, 5), // 5 a minute per address
+			Lockout:   lockout,
+			OnLockout: s.lockedOut,
+			Secure: func(r *http.Request) bool {
+				return r.TLS != nil || (clients.FromTrustedProxy(r) && r.Header.Get("X-Forwarded-Proto") == "https")
+			},
+		}
+		loginRoutes = func(next http.Handler) http.Handler {
+			return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == login.Path || r.URL.Path == login.LogoutPath {
+					lh.ServeHTTP(w, r)
+					return
+				}
+				next.ServeHTTP(w, r)
+			})
+		}
+	}
+
 	// The chain, outermost first:
 	//   requestlog  one line per request (client address resolved once,
 	//               key names and redacted paths only) and the metrics
 	//   routes      the probes, never behind the key
 	//   audit       one line per state-changing request, refusals included
-	//   auth        lockout, API keys and scopes; a no-op when none are configured
+	//   login       /login and /logout (browser sessions), before the key check
+	//   auth        lockout, API keys, sessions and scopes; a no-op without keys
 	//   ratelimit   per-key request and prompt limits
 	//   /metrics    on the main listener (unless --metrics-listen)
 	//   proxy       ComfyUI, credentials stripped, bodies capped
-	clients := clientip.New(cfg.TrustedProxies)
 	s.handler = Chain(
 		routes(public, Chain(upstream,
 			s.audit.Middleware(),
-			auth.Middleware(s.keys, auth.Options{
-				ProtectWS: cfg.ProtectWS,
-				Lockout:   lockout,
-				OnLockout: s.lockedOut,
-			}),
+			loginRoutes,
+			auth.Middleware(s.keys, authOpts),
 			ratelimit.Middleware(
 				ratelimit.New(cfg.KeyRateLimit, cfg.KeyRateLimit),
 				ratelimit.New(cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
@@ -154,6 +184,11 @@ func (s *Server) keysChanged(c auth.Change) {
 		names[i] = k.Name
 	}
 	closed := 0
+	if s.sessions != nil {
+		for id := range ids {
+			s.sessions.DeleteKey(id)
+		}
+	}
 	if len(ids) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		closed = s.proxy.CloseStreamsOf(ctx, ids)

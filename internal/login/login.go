@@ -1,0 +1,162 @@
+// Package login serves comfygate's browser login: a page where a person
+// pastes an API key once, after which their browser holds a session cookie
+// (see package session) and the stock ComfyUI web UI works unchanged.
+package login
+
+import (
+	_ "embed"
+	"html/template"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/ratelimit"
+	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/session"
+)
+
+// Paths of the login and logout endpoints.
+const (
+	Path       = "/login"
+	LogoutPath = "/logout"
+)
+
+//go:embed page.html
+var pageHTML string
+
+var page = template.Must(template.New("login").Parse(pageHTML))
+
+// Handler serves /login and /logout.
+type Handler struct {
+	// Keys are the keys a person may log in with.
+	Keys auth.Source
+	// Sessions stores the sessions.
+	Sessions *session.Store
+	// Attempts limits login attempts per client address (nil: no limit).
+	Attempts *ratelimit.Limiter
+	// Lockout counts failed logins with every other failed key attempt.
+	Lockout *auth.Lockout
+	// OnLockout is called when a failed login locks a client out.
+	OnLockout func(r *http.Request, client netip.Addr, d time.Duration)
+	// Secure reports whether the client reached the gateway over HTTPS,
+	// which makes the cookie Secure.
+	Secure func(*http.Request) bool
+}
+
+type pageData struct {
+	Action, Next, Error, TTL string
+	LoggedOut                bool
+}
+
+// ServeHTTP answers GET and POST on Path and LogoutPath.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case r.URL.Path == LogoutPath && (r.Method == http.MethodGet || r.Method == http.MethodPost):
+		h.logout(w, r)
+	case r.URL.Path == Path && (r.Method == http.MethodGet || r.Method == http.MethodHead):
+		q := r.URL.Query()
+		h.render(w, http.StatusOK, pageData{Next: auth.LocalRedirect(q.Get("next")), LoggedOut: q.Has("logged_out")})
+	case r.URL.Path == Path && r.Method == http.MethodPost:
+		h.login(w, r)
+	default:
+		w.Header().Set("Allow", "GET, POST")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+	}
+}
+
+func (h *Handler) login(w http.ResponseWriter, r *http.Request) {
+	scope := requestlog.ScopeFrom(r.Context())
+	r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
+	next := auth.LocalRedirect(r.PostFormValue("next"))
+	data := pageData{Next: next}
+
+	// A login form posted from another site is refused: it could log a
+	// visitor into the attacker's session.
+	if !auth.SameOrigin(r) {
+		scope.AuthFailure = auth.FailureCrossSite
+		data.Error = "This sign-in came from another site and was refused. Open this page directly and try again."
+		h.render(w, http.StatusForbidden, data)
+		return
+	}
+	if left, locked := h.Lockout.Locked(scope.Client); locked {
+		scope.AuthFailure = auth.FailureLocked
+		w.Header().Set("Retry-After", seconds(left))
+		data.Error = "Too many failed attempts from your address. Try again in " + left.Round(time.Minute).String() + "."
+		h.render(w, http.StatusTooManyRequests, data)
+		return
+	}
+	if ok, wait := h.Attempts.Allow(scope.Client.String()); !ok {
+		scope.AuthFailure = "rate_limited"
+		w.Header().Set("Retry-After", seconds(wait))
+		data.Error = "Too many sign-in attempts. Wait a minute and try again."
+		h.render(w, http.StatusTooManyRequests, data)
+		return
+	}
+	key, ok := h.Keys.KeySet().Lookup(strings.TrimSpace(r.PostFormValue("key")))
+	if !ok {
+		scope.AuthFailure = auth.FailureInvalid
+		if h.Lockout.Fail(scope.Client) && h.OnLockout != nil {
+			h.OnLockout(r, scope.Client, h.Lockout.Window())
+		}
+		// The same words whatever was wrong: nothing hints at a near miss.
+		data.Error = "That key is not valid."
+		h.render(w, http.StatusUnauthorized, data)
+		return
+	}
+	id := h.Sessions.Create(key.ID(), key.Name)
+	if id == "" {
+		data.Error = "The server has too many open sessions. Try again later."
+		h.render(w, http.StatusServiceUnavailable, data)
+		return
+	}
+	scope.KeyName, scope.KeyID = key.Name, key.ID()
+	http.SetCookie(w, h.Sessions.Cookie(id, h.Secure(r)))
+	http.Redirect(w, r, next, http.StatusSeeOther)
+}
+
+func (h *Handler) logout(w http.ResponseWriter, r *http.Request) {
+	if id := session.FromRequest(r); id != "" {
+		if sess, ok := h.Sessions.Get(id); ok {
+			scope := requestlog.ScopeFrom(r.Context())
+			scope.KeyName, scope.KeyID = sess.KeyName, sess.KeyID
+		}
+		h.Sessions.Delete(id)
+	}
+	http.SetCookie(w, session.ClearCookie(h.Secure(r)))
+	http.Redirect(w, r, Path+"?logged_out=1", http.StatusSeeOther)
+}
+
+func (h *Handler) render(w http.ResponseWriter, status int, d pageData) {
+	d.Action = Path
+	d.TTL = humanDuration(h.Sessions.TTL())
+	hdr := w.Header()
+	hdr.Set("Content-Type", "text/html; charset=utf-8")
+	hdr.Set("Cache-Control", "no-store")
+	hdr.Set("X-Content-Type-Options", "nosniff")
+	hdr.Set("X-Frame-Options", "DENY")
+	hdr.Set("Referrer-Policy", "no-referrer")
+	hdr.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+	w.WriteHeader(status)
+	page.Execute(w, d)
+}
+
+func seconds(d time.Duration) string {
+	return strconv.Itoa(max(int((d+time.Second-1)/time.Second), 1))
+}
+
+func humanDuration(d time.Duration) string {
+	switch {
+	case d%time.Hour == 0 && d >= time.Hour:
+		n := int(d / time.Hour)
+		if n == 1 {
+			return "1 hour"
+		}
+		return strconv.Itoa(n) + " hours"
+	case d%time.Minute == 0 && d >= time.Minute:
+		return strconv.Itoa(int(d/time.Minute)) + " minutes"
+	}
+	return d.String()
+}
