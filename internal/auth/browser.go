@@ -26,8 +26,16 @@ func isUnsafe(r *http.Request) bool {
 // be same-origin or none (typed in, bookmarked); a state-changing request
 // or WebSocket that carries neither header is refused, since every current
 // browser sends one of them.
+//
+// "Origin: null" is what a page with a no-referrer policy, or a sandboxed
+// frame, sends; then only Sec-Fetch-Site, which the browser sets and pages
+// cannot forge, can vouch for the request.
 func SameOrigin(r *http.Request) bool {
-	if origin := r.Header.Get("Origin"); origin != "" {
+	origin := r.Header.Get("Origin")
+	if origin == "null" {
+		return r.Header.Get("Sec-Fetch-Site") == "same-origin"
+	}
+	if origin != "" {
 		return originIsHost(origin, r)
 	}
 	switch r.Header.Get("Sec-Fetch-Site") {

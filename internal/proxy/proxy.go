@@ -43,11 +43,12 @@ type Options struct {
 
 // Proxy is an http.Handler that forwards to one ComfyUI server.
 type Proxy struct {
-	target  *url.URL
-	opts    Options
-	log     *slog.Logger
-	rp      *httputil.ReverseProxy
-	streams streams
+	target    *url.URL
+	opts      Options
+	log       *slog.Logger
+	rp        *httputil.ReverseProxy
+	transport http.RoundTripper
+	streams   streams
 }
 
 // New returns a Proxy for target, a ComfyUI base URL such as
@@ -64,6 +65,7 @@ func New(target *url.URL, opts Options) *Proxy {
 	if transport == nil {
 		transport = NewTransport(opts.DialTimeout, opts.ResponseHeaderTimeout)
 	}
+	p.transport = transport
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:      p.rewrite,
 		Transport:    transport,
@@ -101,11 +103,15 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		r.Body = http.MaxBytesReader(w, r.Body, max)
 	}
-	if r.Header.Get("Upgrade") != "" {
-		w = &hijackTracker{ResponseWriter: w, s: &p.streams, keyID: requestlog.ScopeFrom(r.Context()).KeyID}
+	if up := upgradeType(r.Header); up != "" {
+		p.serveUpgrade(w, r, up)
+		return
 	}
 	p.rp.ServeHTTP(w, r)
 }
+
+// keyID is the key that authenticated r (zero: none).
+func (p *Proxy) keyID(r *http.Request) [32]byte { return requestlog.ScopeFrom(r.Context()).KeyID }
 
 // rewrite builds the outbound request. The inbound Host is kept, so ComfyUI's
 // own Host/Origin check sees exactly what the browser sent: a browser on
@@ -118,7 +124,7 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	// The inbound Forwarded and X-Forwarded-* headers are already gone
 	// (ReverseProxy removes them before Rewrite); set fresh ones.
 	pr.SetXForwarded()
-	pr.Out.Header.Del("X-Real-Ip")
+	delete(pr.Out.Header, "X-Real-Ip")
 	if p.opts.StripCredentials {
 		auth.Strip(pr.Out)
 	}
@@ -174,12 +180,25 @@ func (p *Proxy) OpenStreams() int { return p.streams.len() }
 func (p *Proxy) StreamBytes() (in, out int64) { return p.streams.in.Load(), p.streams.out.Load() }
 
 // bufferPool reuses the 32 KiB copy buffers ReverseProxy would otherwise
-// allocate for every response.
+// allocate for every response. The pool holds array pointers, so that
+// neither Get nor Put allocates.
 type bufferPool struct{}
 
-var buffers = sync.Pool{New: func() any { b := make([]byte, 32*1024); return &b }}
+const bufferSize = 32 << 10
 
-func (bufferPool) Get() []byte  { return *(buffers.Get().(*[]byte)) }
-func (bufferPool) Put(b []byte) { buffers.Put(&b) }
+type buffer = [bufferSize]byte
+
+var buffers = sync.Pool{New: func() any { return new(buffer) }}
+
+func getBuffer() *buffer  { return buffers.Get().(*buffer) }
+func putBuffer(b *buffer) { buffers.Put(b) }
+
+func (bufferPool) Get() []byte { return getBuffer()[:] }
+
+func (bufferPool) Put(b []byte) {
+	if cap(b) == bufferSize {
+		putBuffer((*buffer)(b[:bufferSize]))
+	}
+}
 
 var _ http.Handler = (*Proxy)(nil)

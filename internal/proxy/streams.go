@@ -1,10 +1,8 @@
 package proxy
 
 import (
-	"bufio"
 	"context"
 	"net"
-	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -85,35 +83,15 @@ func (s *streams) closeAll(ctx context.Context, frame []byte, match func(*stream
 	return len(conns)
 }
 
-// hijackTracker registers the connection that ReverseProxy hijacks for an
-// upgrade.
-type hijackTracker struct {
-	http.ResponseWriter
-	s     *streams
-	keyID [32]byte
-}
-
-func (h *hijackTracker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	conn, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
-	if err != nil {
-		return nil, nil, err
-	}
-	c := &streamConn{Conn: conn, s: h.s, keyID: h.keyID, done: make(chan struct{})}
-	h.s.add(c)
-	return c, brw, nil
-}
-
-func (h *hijackTracker) Unwrap() http.ResponseWriter { return h.ResponseWriter }
-
 // streamConn is the client side of a proxied WebSocket.
 type streamConn struct {
 	net.Conn
 	s     *streams
 	keyID [32]byte // the key that opened it (zero: none)
 
-	// started is set by the first Read or Write, which ReverseProxy makes
-	// only after it has sent the 101 response; before that a close frame
-	// would land inside the HTTP response.
+	// started is set once the 101 response is out (and by the first Read
+	// or Write); before that a close frame would land inside the HTTP
+	// response.
 	started atomic.Bool
 
 	mu        sync.Mutex // serialises writes with goAway

@@ -11,6 +11,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -64,66 +66,108 @@ type Observer func(*Result)
 // Middleware logs one line per request at level Info on logger, after the
 // request is done: method, path (query redacted by redact), status, bytes
 // written, duration, client address and key name. A WebSocket is logged when
-// it closes, with status 101 and its lifetime as the duration.
+// it closes, with status 101 and its lifetime as the duration, even if the
+// handler returned before (see recorder.Hijack).
 func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver, observe Observer) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			start := time.Now()
-			scope := &Scope{Client: client(r)}
-			rec := &recorder{ResponseWriter: w}
+			// Everything a request needs here is one allocation.
+			e := &entry{logger: logger, redact: redact, observe: observe, start: time.Now()}
+			e.scope.Client = client(r)
+			e.rec.ResponseWriter, e.rec.e = w, e
 			// The path as sent (escaped), so a log shows /assets/%2e%2e/x,
 			// not the decoded /assets/../x.
-			path, rawPath, query := r.URL.Path, r.URL.EscapedPath(), r.URL.RawQuery
-			method := r.Method
-			var body *countingBody
+			e.path, e.rawPath, e.query, e.method = r.URL.Path, r.URL.EscapedPath(), r.URL.RawQuery, r.Method
 			if r.Body != nil && r.Body != http.NoBody {
-				body = &countingBody{ReadCloser: r.Body}
-				r.Body = body
+				e.body.ReadCloser = r.Body
+				e.hasBody = true
+				r.Body = &e.body
 			}
+			e.pending.Store(1) // the handler; a hijacked connection adds one
 			// Log in a defer: ReverseProxy aborts a response whose upstream
 			// body fails midway with a panic (http.ErrAbortHandler), and
 			// that request deserves its line too.
-			defer func() {
-				status := rec.status
-				if status == 0 {
-					status = http.StatusOK
-				}
-				elapsed := time.Since(start)
-				if observe != nil {
-					res := &Result{Method: method, Path: path, Status: status, BytesOut: rec.bytes, Duration: elapsed, Scope: scope}
-					if body != nil {
-						res.BytesIn = body.n
-					}
-					observe(res)
-				}
-				logged := rawPath
-				if query != "" {
-					logged += "?" + redact(query)
-				}
-				attrs := []slog.Attr{
-					slog.String("method", method),
-					slog.String("path", logged),
-					slog.Int("status", status),
-					slog.Int64("bytes", rec.bytes),
-					slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
-					slog.String("client", scope.Client.String()),
-				}
-				if scope.KeyName != "" {
-					attrs = append(attrs, slog.String("key", scope.KeyName))
-				}
-				if scope.AuthFailure != "" {
-					attrs = append(attrs, slog.String("auth_failure", scope.AuthFailure))
-				}
-				if p := recover(); p != nil {
-					attrs = append(attrs, slog.Bool("aborted", true))
-					logger.LogAttrs(r.Context(), slog.LevelWarn, "request", attrs...)
-					panic(p)
-				}
-				logger.LogAttrs(r.Context(), slog.LevelInfo, "request", attrs...)
-			}()
-			next.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), scopeKey{}, scope)))
+			defer e.handlerDone(r.Context())
+			next.ServeHTTP(&e.rec, r.WithContext(context.WithValue(r.Context(), scopeKey{}, &e.scope)))
 		})
 	}
+}
+
+// entry is one request's state in the middleware.
+type entry struct {
+	logger  *slog.Logger
+	redact  Redactor
+	observe Observer
+	start   time.Time
+
+	method, path, rawPath, query string
+
+	scope   Scope
+	rec     recorder
+	body    countingBody
+	hasBody bool
+	res     Result
+
+	// pending counts what must end before the line is written: the handler,
+	// and the hijacked connection if there is one.
+	pending atomic.Int32
+	once    sync.Once
+}
+
+// handlerDone runs when the handler returns (or panics).
+func (e *entry) handlerDone(ctx context.Context) {
+	if p := recover(); p != nil {
+		e.once.Do(func() { e.finish(ctx, true) })
+		panic(p)
+	}
+	e.release(ctx)
+}
+
+// release ends one pending part and writes the line after the last.
+func (e *entry) release(ctx context.Context) {
+	if e.pending.Add(-1) == 0 {
+		e.once.Do(func() { e.finish(ctx, false) })
+	}
+}
+
+func (e *entry) finish(ctx context.Context, aborted bool) {
+	status := e.rec.status
+	if status == 0 {
+		status = http.StatusOK
+	}
+	elapsed := time.Since(e.start)
+	if e.observe != nil {
+		e.res = Result{Method: e.method, Path: e.path, Status: status, BytesOut: e.rec.bytes, Duration: elapsed, Scope: &e.scope}
+		if e.hasBody {
+			e.res.BytesIn = e.body.n
+		}
+		e.observe(&e.res)
+	}
+	logged := e.rawPath
+	if e.query != "" {
+		logged += "?" + e.redact(e.query)
+	}
+	var buf [9]slog.Attr
+	attrs := append(buf[:0],
+		slog.String("method", e.method),
+		slog.String("path", logged),
+		slog.Int("status", status),
+		slog.Int64("bytes", e.rec.bytes),
+		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
+		slog.String("client", e.scope.Client.String()),
+	)
+	if e.scope.KeyName != "" {
+		attrs = append(attrs, slog.String("key", e.scope.KeyName))
+	}
+	if e.scope.AuthFailure != "" {
+		attrs = append(attrs, slog.String("auth_failure", e.scope.AuthFailure))
+	}
+	level := slog.LevelInfo
+	if aborted {
+		attrs = append(attrs, slog.Bool("aborted", true))
+		level = slog.LevelWarn
+	}
+	e.logger.LogAttrs(ctx, level, "request", attrs...)
 }
 
 // countingBody counts the request body bytes read through it.
@@ -143,6 +187,7 @@ func (c *countingBody) Read(p []byte) (int, error) {
 // upgrades work through it.
 type recorder struct {
 	http.ResponseWriter
+	e      *entry
 	status int
 	bytes  int64
 }
@@ -170,12 +215,30 @@ func (r *recorder) Flush() {
 	http.NewResponseController(r.ResponseWriter).Flush()
 }
 
+// Hijack hands over the connection. The request's line is written when both
+// the handler has returned and the connection is closed, so a WebSocket
+// proxied by goroutines that outlive the handler is logged when it ends.
 func (r *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	conn, brw, err := http.NewResponseController(r.ResponseWriter).Hijack()
-	if err == nil {
-		r.status = http.StatusSwitchingProtocols
+	if err != nil {
+		return conn, brw, err
 	}
-	return conn, brw, err
+	r.status = http.StatusSwitchingProtocols
+	r.e.pending.Add(1)
+	return &hijackedConn{Conn: conn, e: r.e}, brw, nil
+}
+
+// hijackedConn writes the request's line when it is closed.
+type hijackedConn struct {
+	net.Conn
+	e    *entry
+	once sync.Once
+}
+
+func (c *hijackedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.e.release(context.Background()) })
+	return err
 }
 
 func (r *recorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }

@@ -1,0 +1,259 @@
+package proxy
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+)
+
+// WebSockets (and any other HTTP/1.1 upgrade) take this path rather than
+// httputil.ReverseProxy's. ReverseProxy keeps four goroutines per upgraded
+// connection (the handler, a context watcher and two io.Copy loops with a
+// 32 KiB buffer each) and the server connection's bufio reader and writer,
+// about 40 KiB for an idle socket. Here the handshake goes through the same
+// Transport, but once the 101 is passed on the handler returns, and two
+// goroutines copy the bytes with a small buffer that is only swapped for a
+// pooled 32 KiB one while a burst is flowing. An idle WebSocket then holds
+// little more than two small goroutine stacks. The request log line is still
+// written when the socket closes (requestlog's recorder waits for the
+// hijacked connection's Close).
+
+// upgradeType returns the protocol a request or response asks to switch to:
+// the Upgrade header, if Connection lists the "upgrade" token.
+func upgradeType(h http.Header) string {
+	for _, v := range h["Connection"] {
+		for tok := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(tok), "upgrade") {
+				return h.Get("Upgrade")
+			}
+		}
+	}
+	return ""
+}
+
+// hopHeaders are removed from every forwarded message (RFC 9110 section 7.6.1).
+var hopHeaders = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+func removeHopByHop(h http.Header) {
+	for _, f := range h["Connection"] {
+		for tok := range strings.SplitSeq(f, ",") {
+			if tok = strings.TrimSpace(tok); tok != "" {
+				h.Del(tok)
+			}
+		}
+	}
+	for _, f := range hopHeaders {
+		delete(h, f)
+	}
+}
+
+func isPrint(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// serveUpgrade proxies a request that asks to switch protocols (upType).
+// The outbound request is prepared as ReverseProxy prepares it: hop-by-hop
+// headers removed and Connection/Upgrade set again, inbound forwarding
+// headers dropped, then the same rewrite (target, X-Forwarded-*, credential
+// stripping).
+func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType string) {
+	if !isPrint(upType) {
+		p.errorHandler(w, r, fmt.Errorf("client tried to switch to invalid protocol %q", upType))
+		return
+	}
+	out := r.Clone(r.Context())
+	if r.ContentLength == 0 {
+		out.Body = nil
+	}
+	if out.Body != nil {
+		out.Body = io.NopCloser(out.Body) // the server closes the inbound body
+	}
+	out.Close = false
+	removeHopByHop(out.Header)
+	out.Header.Set("Connection", "Upgrade")
+	out.Header.Set("Upgrade", upType)
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		delete(out.Header, h)
+	}
+	out.URL.RawQuery = cleanQueryParams(out.URL.RawQuery)
+	p.rewrite(&httputil.ProxyRequest{In: r, Out: out})
+	if _, ok := out.Header["User-Agent"]; !ok {
+		out.Header.Set("User-Agent", "") // not Go's default
+	}
+
+	res, err := p.transport.RoundTrip(out)
+	if err != nil {
+		p.errorHandler(w, r, err)
+		return
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		// Refused (a bad origin, an unknown path): pass the answer on.
+		defer res.Body.Close()
+		removeHopByHop(res.Header)
+		copyHeader(w.Header(), res.Header)
+		w.WriteHeader(res.StatusCode)
+		buf := getBuffer()
+		defer putBuffer(buf)
+		io.CopyBuffer(writerOnly{w}, res.Body, buf[:])
+		return
+	}
+	backConn, ok := res.Body.(io.ReadWriteCloser)
+	resType := upgradeType(res.Header)
+	switch {
+	case !ok:
+		err = errors.New("internal error: 101 switching protocols response with non-writable body")
+	case !isPrint(resType):
+		err = fmt.Errorf("backend tried to switch to invalid protocol %q", resType)
+	case !strings.EqualFold(resType, upType):
+		err = fmt.Errorf("backend tried to switch protocol %q when %q was requested", resType, upType)
+	}
+	if err != nil {
+		res.Body.Close()
+		p.errorHandler(w, r, err)
+		return
+	}
+
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		backConn.Close()
+		p.errorHandler(w, r, fmt.Errorf("hijack failed on protocol switch: %w", err))
+		return
+	}
+	copyHeader(w.Header(), res.Header)
+	res.Header = w.Header()
+	res.Body = nil // res.Write writes the headers only
+	if err := res.Write(brw); err == nil {
+		err = brw.Flush()
+	}
+	if err != nil {
+		conn.Close()
+		backConn.Close()
+		return
+	}
+	// Bytes the client sent right behind its request are in the server's
+	// reader; pass them on, then let the reader and writer go.
+	var early []byte
+	if n := brw.Reader.Buffered(); n > 0 {
+		early, _ = brw.Reader.Peek(n)
+		early = append([]byte(nil), early...)
+	}
+
+	c := &streamConn{Conn: conn, s: &p.streams, keyID: p.keyID(r), done: make(chan struct{})}
+	c.started.Store(true) // the 101 is out: a close frame may follow it
+	p.streams.add(c)
+	var once sync.Once
+	closeBoth := func() {
+		once.Do(func() {
+			c.Close()
+			backConn.Close()
+		})
+	}
+	go func() {
+		defer closeBoth()
+		if len(early) > 0 {
+			c.s.in.Add(int64(len(early)))
+			if _, err := backConn.Write(early); err != nil {
+				return
+			}
+		}
+		pump(backConn, c)
+	}()
+	go func() {
+		defer closeBoth()
+		pump(c, backConn)
+	}()
+}
+
+// smallRead is the buffer an idle direction of a WebSocket waits with.
+const smallRead = 512
+
+// pump copies src to dst until either fails. It waits for data with a small
+// buffer; when a read fills it, more is probably coming (a 64 KiB preview
+// image, say), so it borrows a pooled 32 KiB buffer until a read does not
+// fill it, and gives it back before it waits again.
+func pump(dst io.Writer, src io.Reader) error {
+	small := make([]byte, smallRead)
+	for {
+		n, err := src.Read(small)
+		if n > 0 {
+			if _, werr := dst.Write(small[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err != nil {
+			return err
+		}
+		if n < len(small) {
+			continue
+		}
+		buf := getBuffer()
+		for {
+			n, err = src.Read(buf[:])
+			if n > 0 {
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					putBuffer(buf)
+					return werr
+				}
+			}
+			if err != nil {
+				putBuffer(buf)
+				return err
+			}
+			if n < len(buf) {
+				break
+			}
+		}
+		putBuffer(buf)
+	}
+}
+
+// writerOnly hides a ResponseWriter's other methods (ReadFrom) from io.Copy.
+type writerOnly struct{ io.Writer }
+
+func copyHeader(dst, src http.Header) {
+	for k, vv := range src {
+		for _, v := range vv {
+			dst.Add(k, v)
+		}
+	}
+}
+
+// cleanQueryParams drops what Go's query parser would reject (';'
+// separators, bad escapes), as ReverseProxy does for the requests it sends.
+func cleanQueryParams(s string) string {
+	reencode := func(s string) string {
+		v, _ := url.ParseQuery(s)
+		return v.Encode()
+	}
+	for i := 0; i < len(s); {
+		switch s[i] {
+		case ';':
+			return reencode(s)
+		case '%':
+			if i+2 >= len(s) || !ishex(s[i+1]) || !ishex(s[i+2]) {
+				return reencode(s)
+			}
+			i += 3
+		default:
+			i++
+		}
+	}
+	return s
+}
+
+func ishex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
