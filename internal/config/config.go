@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -189,7 +190,7 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
 	if err := fs.Parse(args); err != nil {
-		return nil, fmt.Errorf("%w (see comfygate --help)", err)
+		return nil, &Error{Problems: []string{err.Error() + " (see comfygate --help)"}}
 	}
 	if help, _ := fs.GetBool("help"); help {
 		return nil, ErrHelp
@@ -198,7 +199,7 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		return nil, ErrVersion
 	}
 	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected argument %q: comfygate takes only flags (see comfygate --help)", fs.Arg(0))
+		return nil, &Error{Problems: []string{fmt.Sprintf("unexpected argument %q: comfygate takes only flags (see comfygate --help)", fs.Arg(0))}}
 	}
 
 	var problems []string
@@ -302,10 +303,13 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		add("key-prompt-limit", "must not be negative, got %v", r.keyPrompts)
 	}
 	if r.auditLog != "" {
-		if f, err := os.OpenFile(r.auditLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600); err != nil {
-			add("audit-log", "cannot open %s for appending: %v", r.auditLog, unwrapPathError(err))
-		} else {
+		// Check without creating the file: --check-config must change nothing.
+		if f, err := os.OpenFile(r.auditLog, os.O_WRONLY|os.O_APPEND, 0); err == nil {
 			f.Close()
+		} else if !errors.Is(err, os.ErrNotExist) {
+			add("audit-log", "cannot open %s for appending: %v", r.auditLog, unwrapPathError(err))
+		} else if st, err := os.Stat(filepath.Dir(r.auditLog)); err != nil || !st.IsDir() {
+			add("audit-log", "the directory of %s does not exist", r.auditLog)
 		}
 	}
 

@@ -223,10 +223,11 @@ func TestHelpVersionAndArgs(t *testing.T) {
 	if _, err := Load([]string{"--version"}, env(nil)); !errors.Is(err, ErrVersion) {
 		t.Errorf("--version: %v", err)
 	}
-	if _, err := Load([]string{"--no-such-flag"}, env(nil)); err == nil || !strings.Contains(err.Error(), "no-such-flag") {
+	var cfgErr *Error
+	if _, err := Load([]string{"--no-such-flag"}, env(nil)); !errors.As(err, &cfgErr) || !strings.Contains(err.Error(), "no-such-flag") {
 		t.Errorf("unknown flag: %v", err)
 	}
-	if _, err := Load([]string{"serve"}, env(nil)); err == nil || !strings.Contains(err.Error(), `unexpected argument "serve"`) {
+	if _, err := Load([]string{"serve"}, env(nil)); !errors.As(err, &cfgErr) || !strings.Contains(err.Error(), `unexpected argument "serve"`) {
 		t.Errorf("positional: %v", err)
 	}
 	var sb strings.Builder
@@ -235,6 +236,21 @@ func TestHelpVersionAndArgs(t *testing.T) {
 		if !strings.Contains(sb.String(), f) {
 			t.Errorf("usage lacks %s", f)
 		}
+	}
+}
+
+// TestCheckConfigCreatesNothing: validating --audit-log must not create it.
+func TestCheckConfigCreatesNothing(t *testing.T) {
+	dir := t.TempDir()
+	audit := filepath.Join(dir, "audit.log")
+	if _, err := Load([]string{"--audit-log", audit, "--check-config"}, env(nil)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(audit); !os.IsNotExist(err) {
+		t.Errorf("validation created %s", audit)
+	}
+	if _, err := Load([]string{"--audit-log", filepath.Join(dir, "no", "such", "audit.log")}, env(nil)); err == nil || !strings.Contains(err.Error(), "--audit-log: the directory") {
+		t.Errorf("missing directory: %v", err)
 	}
 }
 

@@ -118,6 +118,11 @@ func (h *Handler) login(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) logout(w http.ResponseWriter, r *http.Request) {
+	// Another site must not be able to sign a visitor out.
+	if !auth.SameOrigin(r) {
+		http.Redirect(w, r, "/", http.StatusSeeOther)
+		return
+	}
 	if id := session.FromRequest(r); id != "" {
 		if sess, ok := h.Sessions.Get(id); ok {
 			scope := requestlog.ScopeFrom(r.Context())

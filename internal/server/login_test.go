@@ -162,6 +162,12 @@ func TestLoginSessionAndLogout(t *testing.T) {
 		t.Errorf("socket with the session from another site: %v", err)
 	}
 
+	// Another site cannot sign the visitor out.
+	do(t, "GET", g.URL+"/logout", nil, "Cookie", cookie, "Sec-Fetch-Site", "cross-site")
+	if resp, _ := do(t, "GET", g.URL+"/api/queue", nil, "Cookie", cookie, "Sec-Fetch-Site", "same-origin"); resp.StatusCode != 200 {
+		t.Errorf("a cross-site /logout ended the session: %d", resp.StatusCode)
+	}
+
 	// Logout ends it.
 	resp, _ = do(t, "POST", g.URL+"/logout", nil, "Cookie", cookie, "Origin", g.URL)
 	if resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(resp.Header.Get("Location"), "/login") {

@@ -101,7 +101,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			own[p] = h
 		}
 		s.metricsHandler = Chain(routes(own, http.NotFoundHandler()),
-			requestlog.Middleware(logger, auth.RedactQuery, clientip.New(nil).Resolve, nil))
+			requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, nil))
 	}
 
 	// Browser login, when keys are configured: /login and /logout, and
@@ -321,8 +321,13 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	wg.Go(func() { s.monitor.Run(watchCtx) })
 	var metricsSrv *http.Server
 	if metricsLn != nil && s.metricsHandler != nil {
-		metricsSrv = &http.Server{Handler: s.metricsHandler, ReadHeaderTimeout: 10 * time.Second,
-			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+		metricsSrv = &http.Server{
+			Handler:           s.metricsHandler,
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    1 << 20,
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		}
 		wg.Go(func() {
 			if err := metricsSrv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- err
