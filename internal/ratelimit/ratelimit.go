@@ -83,8 +83,9 @@ func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
 // Middleware applies per-key limits to authenticated requests: requests
 // counts every request, prompts only prompt submissions (POST /prompt and
 // /api/prompt). Either may be nil. Requests without a key name (no keys
-// configured, or public routes without a key) are not limited.
-func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
+// configured) and public requests (public reports which: the UI's static
+// files must not use up a key's budget) are not limited.
+func Middleware(requests, prompts *Limiter, public func(*http.Request) bool) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		if requests == nil && prompts == nil {
 			return next
@@ -92,7 +93,7 @@ func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			scope := requestlog.ScopeFrom(r.Context())
 			name := scope.KeyName
-			if name == "" {
+			if name == "" || (public != nil && public(r)) {
 				next.ServeHTTP(w, r)
 				return
 			}

@@ -283,6 +283,13 @@ func TestPerKeyLimits(t *testing.T) {
 		if w := send("GET", "/api/queue", submitKey); w.Code != 200 {
 			t.Errorf("another key is limited separately: %d", w.Code)
 		}
+		// The UI's static files carry the key (or session) too, but do not
+		// use up its budget.
+		for range 5 {
+			if w := send("GET", "/assets/index.js", adminKey); w.Code != 200 {
+				t.Errorf("a static file was limited: %d", w.Code)
+			}
+		}
 		time.Sleep(500 * time.Millisecond) // one token back at 2/s
 		if w := send("GET", "/api/queue", adminKey); w.Code != 200 {
 			t.Errorf("after 500ms: %d", w.Code)

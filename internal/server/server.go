@@ -150,6 +150,9 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			ratelimit.Middleware(
 				ratelimit.New(cfg.KeyRateLimit, cfg.KeyRateLimit),
 				ratelimit.New(cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
+				func(r *http.Request) bool {
+					return auth.Classify(r.Method, r.URL.EscapedPath(), r.Header, cfg.ProtectWS) != auth.Protected
+				},
 			),
 		)),
 		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, s.metrics.Observe),
