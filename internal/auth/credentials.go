@@ -36,8 +36,11 @@ type Credential struct {
 // API key and is ignored here: it may be meant for a proxy in front of
 // comfygate, and ignoring it can never let a request in. Strip still
 // removes it before the request goes upstream.
-func Credentials(r *http.Request) []Credential {
-	var creds []Credential
+func Credentials(r *http.Request) []Credential { return AppendCredentials(nil, r) }
+
+// AppendCredentials is Credentials appending to creds, so that a caller can
+// pass a small array and not allocate for the usual one or two credentials.
+func AppendCredentials(creds []Credential, r *http.Request) []Credential {
 	for _, v := range r.Header.Values("Authorization") {
 		if c, ok := parseAuthorization(v); ok {
 			creds = append(creds, c)
@@ -122,8 +125,9 @@ func hasQueryCredential(rawQuery string) bool {
 // outbound copy of a request (httputil.ProxyRequest.Out), never for the
 // request a handler was given.
 func Strip(r *http.Request) {
-	r.Header.Del("Authorization")
-	r.Header.Del("X-Api-Key")
+	// The names are canonical already; delete skips Del's canonicalisation.
+	delete(r.Header, "Authorization")
+	delete(r.Header, "X-Api-Key")
 	stripSessionCookie(r.Header)
 	if r.URL != nil && hasQueryCredential(r.URL.RawQuery) {
 		r.URL.RawQuery = filterQuery(r.URL.RawQuery, func(pair string) string { return "" })

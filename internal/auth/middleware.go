@@ -72,7 +72,8 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				TooManyRequests(w, left, "too many failed attempts from this address; try again later")
 				return
 			}
-			creds := Credentials(r)
+			var credBuf [2]Credential
+			creds := AppendCredentials(credBuf[:0], r)
 			key, failure := check(ks, creds)
 			viaCookie := false
 			if len(creds) == 0 && opts.Sessions != nil {

@@ -100,6 +100,7 @@ func runLoad(args []string) error {
 	idle := fs.Int("idle", 0, "idle WebSockets per target (default 2000, 200 with --quick)")
 	strict := fs.Bool("strict", false, "exit 1 if a target fails its checks or any request fails")
 	maxTime := fs.Duration("max-time", 20*time.Minute, "hard limit: exit after this long")
+	only := fs.String("scenarios", "", "comma-separated scenario names to run (default all), e.g. get-c16,view8m,ws-idle")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -179,6 +180,13 @@ func runLoad(args []string) error {
 		scenario{"ws-burst", l.wsBurst},
 		scenario{"ws-idle", l.wsIdle},
 	)
+	if *only != "" {
+		want := strings.Split(*only, ",")
+		scenarios = slices.DeleteFunc(scenarios, func(sc scenario) bool { return !slices.Contains(want, sc.name) })
+		if len(scenarios) == 0 {
+			return fmt.Errorf("--scenarios %q matches no scenario", *only)
+		}
+	}
 	for rep := 1; rep <= set.Reps; rep++ {
 		for _, sc := range scenarios {
 			for i := range ok {
