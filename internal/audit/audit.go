@@ -54,13 +54,13 @@ func (l *Log) Close() error {
 // Event is one audit line.
 type Event struct {
 	Time     time.Time `json:"time"`
-	Audit    string    `json:"audit"` // what happened: prompt, upload, interrupt, …, lockout, key_reload
+	Audit    string    `json:"audit"` // what happened: prompt, upload, interrupt, …, login, logout, lockout, key_reload
 	Key      string    `json:"key,omitempty"`
 	Client   string    `json:"client,omitempty"`
 	Method   string    `json:"method,omitempty"`
 	Route    string    `json:"route,omitempty"`
 	Status   int       `json:"status,omitempty"`
-	Outcome  string    `json:"outcome"` // ok, denied, unauthorized, forbidden, rate_limited, locked_out, error, failed
+	Outcome  string    `json:"outcome"` // ok, rejected, unauthorized, forbidden, rate_limited, locked_out, error; failed for a reload
 	PromptID string    `json:"prompt_id,omitempty"`
 	Detail   string    `json:"detail,omitempty"`
 }

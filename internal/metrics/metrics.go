@@ -63,10 +63,10 @@ func New(version string, src Sources) *Metrics {
 	m := &Metrics{reg: prometheus.NewRegistry()}
 	f := factory{m.reg}
 	m.requests = f.counterVec("http_requests_total", "Requests answered, by route pattern, method and status code.", "route", "method", "code")
-	m.requestDuration = f.histogramVec("http_request_duration_seconds", "Time to answer a request through the gateway, by route pattern (WebSockets: until they close).", "route")
+	m.requestDuration = f.histogramVec("http_request_duration_seconds", "Time to answer a request through the gateway, by route pattern (WebSockets are not timed here).", "route")
 	m.upstreamDuration = f.histogramVec("upstream_request_duration_seconds", "Time until ComfyUI's response headers, by route pattern.", "route")
 	m.upstreamErrors = f.counterVec("upstream_errors_total", "Requests that got no answer from ComfyUI, by reason (unreachable, timeout, canceled).", "reason")
-	m.authFailures = f.counterVec("auth_failures_total", "Requests refused by the gateway, by reason (missing, invalid, scope, locked_out, rate_limited).", "reason")
+	m.authFailures = f.counterVec("auth_failures_total", "Requests refused by the gateway, by reason (missing, invalid, scope, locked_out, rate_limited, cross_site).", "reason")
 	m.keyRequests = f.counterVec("key_requests_total", "Requests made with each API key, by key name.", "key")
 	m.keyPrompts = f.counterVec("key_prompts_total", "Prompts queued (POST /prompt answered 200) with each API key, by key name.", "key")
 	m.upstreamUp = f.gauge("upstream_up", "1 if the last background check of ComfyUI succeeded, else 0.")
@@ -74,7 +74,7 @@ func New(version string, src Sources) *Metrics {
 	m.queueRunning = f.gauge("comfyui_queue_running", "Prompts running in ComfyUI at the last check.")
 	m.vramTotal = f.gaugeVec("comfyui_vram_total_bytes", "Memory of each ComfyUI device at the last check.", "device")
 	m.vramFree = f.gaugeVec("comfyui_vram_free_bytes", "Free memory of each ComfyUI device at the last check.", "device")
-	m.bytes = f.counterVec("proxied_bytes_total", "Bytes carried through the gateway: in is request bodies and WebSocket frames to ComfyUI, out is responses and frames from it.", "direction")
+	m.bytes = f.counterVec("proxied_bytes_total", "HTTP body bytes carried through the gateway: in is request bodies, out is response bodies (WebSockets: comfygate_websocket_bytes_total).", "direction")
 	m.keyReloads = f.counterVec("key_reloads_total", "Key file reloads, by result (ok, failed).", "result")
 	m.keysLoaded = f.gauge("keys_loaded", "API keys in force.")
 

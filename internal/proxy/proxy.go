@@ -37,6 +37,10 @@ type Options struct {
 	// Transport overrides the transport (tests). Nil means a tuned clone of
 	// http.DefaultTransport.
 	Transport http.RoundTripper
+	// TrustForwarded reports whether a request came from a trusted proxy,
+	// whose X-Forwarded-For, -Proto and -Host are then passed on (with the
+	// proxy's address added) instead of replaced. Nil trusts nobody.
+	TrustForwarded func(*http.Request) bool
 	// Logger receives upstream errors. Nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -123,7 +127,18 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	pr.Out.Host = pr.In.Host
 	// The inbound Forwarded and X-Forwarded-* headers are already gone
 	// (ReverseProxy removes them before Rewrite); set fresh ones.
-	pr.SetXForwarded()
+	if p.opts.TrustForwarded != nil && p.opts.TrustForwarded(pr.In) {
+		// A trusted proxy in front: keep the chain it reports and add to it.
+		pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
+		pr.SetXForwarded()
+		for _, h := range []string{"X-Forwarded-Proto", "X-Forwarded-Host"} {
+			if v := pr.In.Header.Get(h); v != "" {
+				pr.Out.Header.Set(h, v)
+			}
+		}
+	} else {
+		pr.SetXForwarded()
+	}
 	delete(pr.Out.Header, "X-Real-Ip")
 	if p.opts.StripCredentials {
 		auth.Strip(pr.Out)

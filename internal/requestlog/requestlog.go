@@ -28,7 +28,8 @@ type Scope struct {
 	// KeyID is the authenticating key's in-process identity (its SHA-256);
 	// it is never logged.
 	KeyID [32]byte
-	// AuthFailure says why authentication failed ("missing", "invalid"), or "".
+	// AuthFailure says why the gateway refused the request (missing,
+	// invalid, scope, locked_out, rate_limited, cross_site), or "".
 	AuthFailure string
 }
 

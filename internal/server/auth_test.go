@@ -253,6 +253,19 @@ func TestForwardedHeadersAreFresh(t *testing.T) {
 	}
 }
 
+// TestForwardedHeadersFromTrustedProxy: behind a --trusted-proxy, the chain
+// it reports is kept and extended; anyone else's is replaced.
+func TestForwardedHeadersFromTrustedProxy(t *testing.T) {
+	g := start(t, comfytest.Options{}, "--trusted-proxy", "127.0.0.1/32")
+	do(t, "GET", g.URL+"/api/queue", nil, "X-Forwarded-For", "198.51.100.7", "X-Forwarded-Proto", "https", "X-Forwarded-Host", "comfy.example.com")
+	r, _ := g.Fake.LastRequest()
+	for h, want := range map[string]string{"X-Forwarded-For": "198.51.100.7, 127.0.0.1", "X-Forwarded-Proto": "https", "X-Forwarded-Host": "comfy.example.com"} {
+		if got := r.Header.Get(h); got != want {
+			t.Errorf("upstream %s = %q; want %q", h, got, want)
+		}
+	}
+}
+
 func TestLogsNameKeysAndHideThem(t *testing.T) {
 	g := start(t, comfytest.Options{}, "--api-key-file", keyFile(t, testKey+"\n"+testKey2))
 	do(t, "GET", g.URL+"/api/queue?api_key="+testKey2+"&clientId=c1", nil)

@@ -60,6 +60,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	if s.audit, err = audit.Open(cfg.AuditLog, auditOut); err != nil {
 		return nil, fmt.Errorf("--audit-log: %w", err)
 	}
+	clients := clientip.New(cfg.TrustedProxies)
 	s.keys = auth.NewReloader(cfg.KeyFile, cfg.StaticKeys, cfg.Keys[len(cfg.StaticKeys):], logger)
 	s.metrics = metrics.New(version, metrics.Sources{
 		OpenWebSockets: func() int { return s.proxy.OpenStreams() },
@@ -73,6 +74,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		StripCredentials: len(cfg.Keys) > 0,
 		MaxBodyBytes:     cfg.MaxBodyBytes,
 		Transport:        s.metrics.Transport(transport),
+		TrustForwarded:   clients.FromTrustedProxy,
 		Logger:           logger,
 	})
 	s.health = health.New(cfg.Upstream, health.Options{
@@ -83,7 +85,6 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
 	s.keys.OnChange(s.keysChanged)
 	lockout := auth.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
-	clients := clientip.New(cfg.TrustedProxies)
 
 	// comfygate's own endpoints. The probes never need a key; /metrics is
 	// behind the key on the main listener, or on --metrics-listen without.
