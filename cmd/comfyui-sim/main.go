@@ -38,6 +38,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1", "IP address to listen on")
 	port := fs.Int("port", 8189, "TCP port to listen on (real ComfyUI uses 8188)")
+	nodeDelay := fs.Duration("node-delay", 0, "how long each node of a prompt \"runs\", so that a queue builds up (e.g. 2s)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -48,6 +49,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	fake := comfytest.NewFake(comfytest.Options{})
 	defer fake.Close()
+	fake.SetNodeDelay(*nodeDelay)
 	srv := &http.Server{Handler: fake, ReadHeaderTimeout: 10 * time.Second}
 
 	fmt.Fprintf(stdout, "comfyui-sim: a SIMULATOR of ComfyUI for trying comfygate. This is NOT ComfyUI: it runs no models.\n")
