@@ -3,7 +3,6 @@ package auth
 import (
 	"net/http"
 	"net/netip"
-	"strconv"
 	"time"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
@@ -177,7 +176,6 @@ func Unauthorized(w http.ResponseWriter, failure string) {
 
 // TooManyRequests answers 429 with Retry-After in whole seconds (at least 1).
 func TooManyRequests(w http.ResponseWriter, retryAfter time.Duration, msg string) {
-	secs := int((retryAfter + time.Second - 1) / time.Second)
-	w.Header().Set("Retry-After", strconv.Itoa(max(secs, 1)))
+	jsonerr.SetRetryAfter(w.Header(), retryAfter)
 	jsonerr.Write(w, http.StatusTooManyRequests, "too_many_requests", msg)
 }

@@ -10,6 +10,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"net/http"
+	"strconv"
+	"time"
 )
 
 // Body is the JSON document sent with every gateway-made error.
@@ -34,4 +36,9 @@ func Write(w http.ResponseWriter, status int, code, message string) {
 	h.Del("Content-Length")
 	w.WriteHeader(status)
 	w.Write(buf.Bytes())
+}
+
+// SetRetryAfter sets Retry-After to d in whole seconds, rounded up, at least 1.
+func SetRetryAfter(h http.Header, d time.Duration) {
+	h.Set("Retry-After", strconv.Itoa(max(int((d+time.Second-1)/time.Second), 1)))
 }

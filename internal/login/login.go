@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/ratelimit"
 	"github.com/comfygate/comfygate/internal/requestlog"
 	"github.com/comfygate/comfygate/internal/session"
@@ -83,14 +84,14 @@ func (h *Handler) login(w http.ResponseWriter, r *http.Request) {
 	}
 	if left, locked := h.Lockout.Locked(scope.Client); locked {
 		scope.AuthFailure = auth.FailureLocked
-		w.Header().Set("Retry-After", seconds(left))
+		jsonerr.SetRetryAfter(w.Header(), left)
 		data.Error = "Too many failed attempts from your address. Try again in " + left.Round(time.Minute).String() + "."
 		h.render(w, http.StatusTooManyRequests, data)
 		return
 	}
 	if ok, wait := h.Attempts.Allow(scope.Client.String()); !ok {
 		scope.AuthFailure = "rate_limited"
-		w.Header().Set("Retry-After", seconds(wait))
+		jsonerr.SetRetryAfter(w.Header(), wait)
 		data.Error = "Too many sign-in attempts. Wait a minute and try again."
 		h.render(w, http.StatusTooManyRequests, data)
 		return
@@ -146,10 +147,6 @@ func (h *Handler) render(w http.ResponseWriter, status int, d pageData) {
 	hdr.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 	w.WriteHeader(status)
 	page.Execute(w, d)
-}
-
-func seconds(d time.Duration) string {
-	return strconv.Itoa(max(int((d+time.Second-1)/time.Second), 1))
 }
 
 func humanDuration(d time.Duration) string {

@@ -5,7 +5,6 @@ package ratelimit
 import (
 	"math"
 	"net/http"
-	"strconv"
 	"sync"
 	"time"
 
@@ -117,7 +116,6 @@ func Middleware(requests, prompts *Limiter, public func(*http.Request) bool) fun
 }
 
 func refuse(w http.ResponseWriter, wait time.Duration, msg string) {
-	secs := int((wait + time.Second - 1) / time.Second)
-	w.Header().Set("Retry-After", strconv.Itoa(max(secs, 1)))
+	jsonerr.SetRetryAfter(w.Header(), wait)
 	jsonerr.Write(w, http.StatusTooManyRequests, "rate_limited", msg)
 }
