@@ -109,6 +109,10 @@ type entry struct {
 	hasBody bool
 	res     Result
 
+	// wsIn and wsOut count the bytes a hijacked connection (a WebSocket)
+	// carried from and to the client; "bytes" in its line includes wsOut.
+	wsIn, wsOut atomic.Int64
+
 	// pending counts what must end before the line is written: the handler,
 	// and the hijacked connection if there is one.
 	pending atomic.Int32
@@ -148,12 +152,12 @@ func (e *entry) finish(ctx context.Context, aborted bool) {
 	if e.query != "" {
 		logged += "?" + e.redact(e.query)
 	}
-	var buf [9]slog.Attr
+	var buf [10]slog.Attr
 	attrs := append(buf[:0],
 		slog.String("method", e.method),
 		slog.String("path", logged),
 		slog.Int("status", status),
-		slog.Int64("bytes", e.rec.bytes),
+		slog.Int64("bytes", e.rec.bytes+e.wsOut.Load()),
 		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
 		slog.String("client", e.scope.Client.String()),
 	)
@@ -162,6 +166,9 @@ func (e *entry) finish(ctx context.Context, aborted bool) {
 	}
 	if e.scope.AuthFailure != "" {
 		attrs = append(attrs, slog.String("auth_failure", e.scope.AuthFailure))
+	}
+	if status == http.StatusSwitchingProtocols {
+		attrs = append(attrs, slog.Int64("bytes_in", e.wsIn.Load()))
 	}
 	level := slog.LevelInfo
 	if aborted {
@@ -229,11 +236,24 @@ func (r *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return &hijackedConn{Conn: conn, e: r.e}, brw, nil
 }
 
-// hijackedConn writes the request's line when it is closed.
+// hijackedConn counts what the connection carries and writes the request's
+// line when it is closed.
 type hijackedConn struct {
 	net.Conn
 	e    *entry
 	once sync.Once
+}
+
+func (c *hijackedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.e.wsIn.Add(int64(n))
+	return n, err
+}
+
+func (c *hijackedConn) Write(p []byte) (int, error) {
+	n, err := c.Conn.Write(p)
+	c.e.wsOut.Add(int64(n))
+	return n, err
 }
 
 func (c *hijackedConn) Close() error {

@@ -214,6 +214,16 @@ func TestWebSocketFullRun(t *testing.T) {
 	if resp.StatusCode != 200 || !strings.Contains(string(body), pr.PromptID) {
 		t.Fatalf("history: %d %s", resp.StatusCode, body)
 	}
+	// The socket's log line, written when it closes, counts what it carried.
+	c.Close(websocket.StatusNormalClosure, "")
+	eventually(t, 5*time.Second, "no log line with bytes for the socket", func() bool {
+		for _, l := range strings.Split(g.logs.String(), "\n") {
+			if strings.Contains(l, `"path":"/ws?clientId=run-1&token=REDACTED","status":101`) && !strings.Contains(l, `"bytes":0,`) && strings.Contains(l, `"bytes_in":`) {
+				return true
+			}
+		}
+		return false
+	})
 }
 
 // TestShutdownClosesWebSocketsGoingAway pins the 1001 close on SIGTERM.
