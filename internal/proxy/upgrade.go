@@ -135,10 +135,11 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 	copyHeader(w.Header(), res.Header)
 	res.Header = w.Header()
 	res.Body = nil // res.Write writes the headers only
-	if err := res.Write(brw); err == nil {
+	err = res.Write(brw)
+	if err == nil {
 		err = brw.Flush()
 	}
-	if err != nil {
+	if err != nil { // the client is gone
 		conn.Close()
 		backConn.Close()
 		return
