@@ -1,21 +1,15 @@
 package config
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/comfygate/comfygate/internal/testcert"
 )
 
 const key = "0123456789abcdef0123456789abcdef"
@@ -255,9 +249,9 @@ func TestCheckConfigCreatesNothing(t *testing.T) {
 }
 
 func TestTLSFiles(t *testing.T) {
-	cert, keyPEM := selfSigned(t)
-	certFile := writeFile(t, "cert.pem", cert, 0o600)
-	keyFile := writeFile(t, "key.pem", keyPEM, 0o600)
+	cert, keyPEM := testcert.SelfSigned(t)
+	certFile := writeFile(t, "cert.pem", string(cert), 0o600)
+	keyFile := writeFile(t, "key.pem", string(keyPEM), 0o600)
 	c, err := Load([]string{"--tls-certfile", certFile, "--tls-keyfile", keyFile}, env(nil))
 	if err != nil || !c.TLS() {
 		t.Fatalf("valid TLS files: %v", err)
@@ -266,29 +260,4 @@ func TestTLSFiles(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "--tls-certfile: cannot load") {
 		t.Errorf("swapped files: %v", err)
 	}
-}
-
-// selfSigned returns a PEM certificate and key for 127.0.0.1.
-func selfSigned(t *testing.T) (certPEM, keyPEM string) {
-	t.Helper()
-	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &priv.PublicKey, priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kb, err := x509.MarshalECPrivateKey(priv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})),
-		string(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}))
 }
