@@ -241,8 +241,8 @@ func TestStripKeepsEverythingElse(t *testing.T) {
 }
 
 func TestRedactQuery(t *testing.T) {
-	got := RedactQuery("clientId=1&api_key=s3cret&token=s3cret2&api%5Fkey=s3cret3&key=s4&X-Access-Token=s5&filename=a.png&&type")
-	want := "clientId=1&api_key=REDACTED&token=REDACTED&api%5Fkey=REDACTED&key=REDACTED&X-Access-Token=REDACTED&filename=a.png&&type"
+	got := RedactQuery("clientId=1&api_key=s3cret&token=s3cret2&api%5Fkey=s3cret3&key=s4&X-Access-Token=s5&filename=a.png&&type&x=1;api_key=s6")
+	want := "clientId=1&api_key=REDACTED&token=REDACTED&api%5Fkey=REDACTED&key=REDACTED&X-Access-Token=REDACTED&filename=a.png&&type&x=1;api_key=REDACTED"
 	if got != want {
 		t.Errorf("RedactQuery = %q; want %q", got, want)
 	}

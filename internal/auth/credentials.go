@@ -176,20 +176,28 @@ func RedactQuery(rawQuery string) string {
 	if rawQuery == "" {
 		return rawQuery
 	}
+	// Split on ';' as well as '&': some servers treat ';' as a separator,
+	// and a key after one must not reach the logs either.
 	var b strings.Builder
 	b.Grow(len(rawQuery))
-	for i, pair := range strings.Split(rawQuery, "&") {
-		if i > 0 {
-			b.WriteByte('&')
+	for rest := rawQuery; ; {
+		i := strings.IndexAny(rest, "&;")
+		pair := rest
+		if i >= 0 {
+			pair = rest[:i]
 		}
 		name, _, _ := strings.Cut(pair, "=")
 		if _, isCred := queryCredentialName(pair); isCred || secretLooking(name) {
 			b.WriteString(name + "=REDACTED")
-			continue
+		} else {
+			b.WriteString(pair)
 		}
-		b.WriteString(pair)
+		if i < 0 {
+			return b.String()
+		}
+		b.WriteByte(rest[i])
+		rest = rest[i+1:]
 	}
-	return b.String()
 }
 
 // secretLooking reports whether a query parameter name suggests a secret.

@@ -81,6 +81,14 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				}
 			}
 			access := Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS)
+			if failure == FailureInvalid {
+				// Counted on public routes too: otherwise the answer to a
+				// guess on "/" (page or login redirect) would be an oracle
+				// the lockout never sees.
+				if opts.Lockout.Fail(scope.Client) && opts.OnLockout != nil {
+					opts.OnLockout(r, scope.Client, opts.Lockout.Window())
+				}
+			}
 			if access != Protected {
 				if failure == "" {
 					scope.KeyName, scope.KeyID = key.Name, key.ID()
@@ -95,9 +103,6 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 			}
 			if failure != "" {
 				scope.AuthFailure = failure
-				if failure == FailureInvalid && opts.Lockout.Fail(scope.Client) && opts.OnLockout != nil {
-					opts.OnLockout(r, scope.Client, opts.Lockout.Window())
-				}
 				if failure == FailureMissing && opts.Sessions != nil && wantsLogin(r) {
 					loginRedirect(w, r, opts.LoginPath)
 					return
@@ -112,7 +117,16 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				return
 			}
 			scope.KeyName, scope.KeyID = key.Name, key.ID()
-			if need := RequiredScope(r.Method, r.URL.EscapedPath()); key.Scope < need {
+			need := RequiredScope(r.Method, r.URL.EscapedPath())
+			if viaCookie && need > ScopeRead && r.Header.Get("Origin") == "" && r.Header.Get("Sec-Fetch-Site") == "" {
+				// A browser too old to send fetch metadata cannot show
+				// where a GET came from; only reads may ride its cookie.
+				scope.AuthFailure = FailureCrossSite
+				jsonerr.Write(w, http.StatusForbidden, "cross_site",
+					"this request needs a browser that sends Origin or Sec-Fetch-Site, or an API key")
+				return
+			}
+			if key.Scope < need {
 				scope.AuthFailure = FailureScope
 				jsonerr.Write(w, http.StatusForbidden, "forbidden",
 					"this API key's scope ("+key.Scope.String()+") does not allow this request; it needs "+need.String())

@@ -84,8 +84,20 @@ func (r *Reloader) Watch(ctx context.Context, interval time.Duration) {
 }
 
 func (r *Reloader) reload(force bool) error {
+	c, changed, err := r.apply(force)
+	if changed {
+		// Hooks run outside r.mu: closing a revoked key's sockets can take
+		// a while, and must never hold up the next reload.
+		r.notify(c)
+	}
+	return err
+}
+
+// apply reads the file and swaps the key set in; it reports whether hooks
+// should hear about it.
+func (r *Reloader) apply(force bool) (Change, bool, error) {
 	if r.path == "" {
-		return nil
+		return Change{}, false, nil
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -95,7 +107,7 @@ func (r *Reloader) reload(force bool) error {
 	}
 	sum := sha256.Sum256(b)
 	if sum == r.sum && !force {
-		return nil
+		return Change{}, false, nil
 	}
 	keys, err := ParseKeyFile(bytes.NewReader(b))
 	if err == nil && len(keys) == 0 {
@@ -121,18 +133,18 @@ func (r *Reloader) reload(force bool) error {
 		names[i] = k.Name
 	}
 	r.log.Info("key file reloaded", "file", r.path, "keys", next.Len(), "removed", names)
-	r.notify(Change{Removed: removed, Keys: next.Len()})
-	return nil
+	return Change{Removed: removed, Keys: next.Len()}, true, nil
 }
 
-// fail logs a reload error and keeps the keys; r.mu is held.
-func (r *Reloader) fail(err error) error {
-	if !r.failing {
+// fail logs a reload error and keeps the keys; r.mu is held. Hooks hear of
+// a failure once, when the file first goes bad.
+func (r *Reloader) fail(err error) (Change, bool, error) {
+	first := !r.failing
+	if first {
 		r.log.Error("key file not reloaded; the previous keys stay in force", "err", err)
-		r.notify(Change{Err: err, Keys: r.set.Load().Len()})
 	}
 	r.failing = true
-	return err
+	return Change{Err: err, Keys: r.set.Load().Len()}, first, err
 }
 
 func (r *Reloader) notify(c Change) {

@@ -124,6 +124,11 @@ func (p *Proxy) keyID(r *http.Request) [32]byte { return requestlog.ScopeFrom(r.
 // POST and WebSocket look cross-origin to ComfyUI.
 func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 	pr.SetURL(p.target)
+	// The query goes on as sent. ReverseProxy re-encodes queries that Go's
+	// parser dislikes and drops pairs with ';' in them, which breaks
+	// ComfyUI's /view?preview=webp;90; aiohttp splits only on '&', as
+	// auth.Strip does.
+	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
 	pr.Out.Host = pr.In.Host
 	// The inbound Forwarded and X-Forwarded-* headers are already gone
 	// (ReverseProxy removes them before Rewrite); set fresh ones.

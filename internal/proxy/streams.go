@@ -158,6 +158,10 @@ func (c *streamConn) signalDone() {
 // goAway sends frame (a close frame) at the next frame boundary and closes
 // the connection.
 func (c *streamConn) goAway(ctx context.Context, frame []byte) {
+	// A client that stopped reading can hold c.mu forever in Write; the
+	// deadline makes that write fail, so the lock, and shutdown or a key
+	// revocation, are never held up for longer than closeGrace.
+	c.Conn.SetWriteDeadline(time.Now().Add(closeGrace))
 	c.mu.Lock()
 	c.closing = frame
 	switch {

@@ -120,3 +120,34 @@ func TestGoAwayStalledFrame(t *testing.T) {
 		t.Error("write after close succeeded")
 	}
 }
+
+// TestGoAwayClientNotReading pins a deadlock found in review: a client that
+// stops reading held the connection's lock in Write forever, so shutdown
+// and key revocation waited forever too.
+func TestGoAwayClientNotReading(t *testing.T) {
+	client, gw := net.Pipe() // nobody reads client: every Write blocks
+	defer client.Close()
+	var s streams
+	c := &streamConn{Conn: gw, s: &s, done: make(chan struct{})}
+	s.add(c)
+	blocked := make(chan struct{})
+	go func() {
+		close(blocked)
+		c.Write(frame(2, make([]byte, 1000)))
+	}()
+	<-blocked
+	time.Sleep(50 * time.Millisecond) // the write is now stuck holding c.mu
+	done := make(chan struct{})
+	go func() {
+		s.closeAll(context.Background(), goingAwayFrame, nil)
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * closeGrace):
+		t.Fatal("closeAll is stuck behind a client that does not read")
+	}
+	if s.len() != 0 {
+		t.Error("connection still registered")
+	}
+}

@@ -6,9 +6,10 @@ import (
 	"io"
 	"net/http"
 	"net/http/httputil"
-	"net/url"
 	"strings"
 	"sync"
+
+	"github.com/comfygate/comfygate/internal/jsonerr"
 )
 
 // WebSockets (and any other HTTP/1.1 upgrade) take this path rather than
@@ -74,13 +75,15 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		p.errorHandler(w, r, fmt.Errorf("client tried to switch to invalid protocol %q", upType))
 		return
 	}
+	// A handshake has no body. One that claims a body would leave the
+	// Transport reading it from the client connection while the upgraded
+	// stream reads the same connection.
+	if r.ContentLength != 0 || len(r.TransferEncoding) > 0 {
+		jsonerr.Write(w, http.StatusBadRequest, "bad_request", "a protocol upgrade request must not have a body")
+		return
+	}
 	out := r.Clone(r.Context())
-	if r.ContentLength == 0 {
-		out.Body = nil
-	}
-	if out.Body != nil {
-		out.Body = io.NopCloser(out.Body) // the server closes the inbound body
-	}
+	out.Body = nil
 	out.Close = false
 	removeHopByHop(out.Header)
 	out.Header.Set("Connection", "Upgrade")
@@ -88,7 +91,6 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
 		delete(out.Header, h)
 	}
-	out.URL.RawQuery = cleanQueryParams(out.URL.RawQuery)
 	p.rewrite(&httputil.ProxyRequest{In: r, Out: out})
 	if _, ok := out.Header["User-Agent"]; !ok {
 		out.Header.Set("User-Agent", "") // not Go's default
@@ -230,31 +232,4 @@ func copyHeader(dst, src http.Header) {
 			dst.Add(k, v)
 		}
 	}
-}
-
-// cleanQueryParams drops what Go's query parser would reject (';'
-// separators, bad escapes), as ReverseProxy does for the requests it sends.
-func cleanQueryParams(s string) string {
-	reencode := func(s string) string {
-		v, _ := url.ParseQuery(s)
-		return v.Encode()
-	}
-	for i := 0; i < len(s); {
-		switch s[i] {
-		case ';':
-			return reencode(s)
-		case '%':
-			if i+2 >= len(s) || !ishex(s[i+1]) || !ishex(s[i+2]) {
-				return reencode(s)
-			}
-			i += 3
-		default:
-			i++
-		}
-	}
-	return s
-}
-
-func ishex(c byte) bool {
-	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
