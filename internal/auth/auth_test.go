@@ -452,6 +452,10 @@ func TestRequiredScopeTricks(t *testing.T) {
 		{"GET", "/api/queue", ScopeRead},
 		{"GET", "/api/api/jobs", ScopeRead},
 		{"GET", "/api/userdata/workflows%2Fa.json", ScopeRead},
+		{"GET", "/api/userdata/workflows%2F%E5%B7%A5%E4%BD%9C.json", ScopeRead}, // a CJK file name
+		{"GET", "/api/userdata/100%25.json", ScopeRead},
+		{"GET", "/view%25", ScopeAdmin},
+		{"GET", "/history/%2e%2e%2finternal", ScopeAdmin},
 		{"POST", "/api/prompt", ScopeSubmit},
 		{"POST", "/api/jobs/abc/cancel", ScopeSubmit},
 		{"POST", "/api/jobs/a/b/cancel", ScopeAdmin},
@@ -509,4 +513,16 @@ func TestLockoutCounts(t *testing.T) {
 			t.Error("still locked after the window")
 		}
 	})
+}
+
+// TestLockoutBounded: an address-spraying client cannot grow the table
+// past its cap.
+func TestLockoutBounded(t *testing.T) {
+	l := NewLockout(10, time.Hour)
+	for i := range maxTracked + 5000 {
+		l.Fail(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
+	}
+	if n := len(l.clients); n > maxTracked {
+		t.Errorf("%d addresses tracked; cap %d", n, maxTracked)
+	}
 }

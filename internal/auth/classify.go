@@ -78,7 +78,7 @@ func Classify(method, escapedPath string, h http.Header, protectWS bool) Access 
 	if method != http.MethodGet && method != http.MethodHead {
 		return Protected
 	}
-	p, ok := canonicalPath(escapedPath)
+	p, ok := canonicalPath(escapedPath, false)
 	if !ok {
 		return Protected
 	}
@@ -99,7 +99,13 @@ func Classify(method, escapedPath string, h http.Header, protectWS bool) Access 
 
 // canonicalPath decodes escapedPath and reports whether it is in the plain
 // form that every router reads the same way.
-func canonicalPath(escapedPath string) (string, bool) {
+//
+// With forScope, an encoded '%' and encoded non-ASCII bytes (UTF-8 file
+// names) are accepted too: decoded, they cannot form a separator or a dot
+// segment, so they cannot move a path to another route. Public/protected
+// decisions stay strict; only the scope check of a request that already
+// has a valid key uses this.
+func canonicalPath(escapedPath string, forScope bool) (string, bool) {
 	if escapedPath == "" || escapedPath[0] != '/' {
 		return "", false
 	}
@@ -115,6 +121,9 @@ func canonicalPath(escapedPath string) (string, bool) {
 			d, ok := unhex2(escapedPath[i+1], escapedPath[i+2])
 			// Encoded separators, dots, '%' and anything non-printable are
 			// where routers disagree; refuse them.
+			if forScope && ok && (d == '%' || d >= 0x80) {
+				continue
+			}
 			if !ok || d == '/' || d == '\\' || d == '.' || d == '%' || d == ';' || d < 0x20 || d >= 0x7f {
 				return "", false
 			}

@@ -14,8 +14,9 @@ type Lockout struct {
 	threshold int
 	window    time.Duration
 
-	mu      sync.Mutex
-	clients map[netip.Addr]*failures
+	mu        sync.Mutex
+	clients   map[netip.Addr]*failures
+	lastSweep time.Time
 }
 
 type failures struct {
@@ -81,7 +82,7 @@ func (l *Lockout) Fail(a netip.Addr) bool {
 	f := l.clients[k]
 	if f == nil {
 		if len(l.clients) >= maxTracked {
-			l.sweep(now)
+			l.makeRoom(now)
 		}
 		f = &failures{}
 		l.clients[k] = f
@@ -102,6 +103,23 @@ func prune(ts []time.Time, since time.Time) []time.Time {
 		i++
 	}
 	return append(ts[:0], ts[i:]...)
+}
+
+// makeRoom keeps the map under maxTracked without an O(n) sweep on every
+// new address: it sweeps expired entries at most once a second, and if the
+// map is still full (an address-spraying attacker), forgets arbitrary
+// entries down to 90%. l.mu must be held.
+func (l *Lockout) makeRoom(now time.Time) {
+	if now.Sub(l.lastSweep) >= time.Second {
+		l.lastSweep = now
+		l.sweep(now)
+	}
+	for k := range l.clients { // map order is random
+		if len(l.clients) < maxTracked*9/10 {
+			break
+		}
+		delete(l.clients, k)
+	}
 }
 
 func (l *Lockout) sweep(now time.Time) {

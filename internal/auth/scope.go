@@ -81,7 +81,7 @@ func RequiredScope(method, escapedPath string) Scope {
 	if strings.Contains(escapedPath, "%2") {
 		escapedPath = strings.NewReplacer("%2F", "/", "%2f", "/").Replace(escapedPath)
 	}
-	p, ok := canonicalPath(escapedPath)
+	p, ok := canonicalPath(escapedPath, true)
 	if !ok {
 		return ScopeAdmin
 	}

@@ -18,8 +18,9 @@ type Limiter struct {
 	rate  float64 // tokens per second
 	burst float64
 
-	mu      sync.Mutex
-	buckets map[string]*bucket
+	mu        sync.Mutex
+	buckets   map[string]*bucket
+	lastSweep time.Time
 }
 
 type bucket struct {
@@ -41,6 +42,22 @@ func New(perSecond, burst float64) *Limiter {
 
 // maxBuckets bounds the memory of a limiter keyed by client address.
 const maxBuckets = 100_000
+
+// makeRoom keeps the map under maxBuckets: a sweep at most once a second,
+// then, if still full, arbitrary buckets forgotten down to 90% (a forgotten
+// bucket starts full again, which errs towards allowing). l.mu must be held.
+func (l *Limiter) makeRoom(now time.Time) {
+	if now.Sub(l.lastSweep) >= time.Second {
+		l.lastSweep = now
+		l.sweep(now)
+	}
+	for k := range l.buckets {
+		if len(l.buckets) < maxBuckets*9/10 {
+			break
+		}
+		delete(l.buckets, k)
+	}
+}
 
 // sweep drops buckets that have refilled completely: forgetting them
 // changes nothing. l.mu must be held.
@@ -64,7 +81,7 @@ func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
 	b := l.buckets[key]
 	if b == nil {
 		if len(l.buckets) >= maxBuckets {
-			l.sweep(now)
+			l.makeRoom(now)
 		}
 		b = &bucket{tokens: l.burst, last: now}
 		l.buckets[key] = b
