@@ -126,6 +126,16 @@ start() {
 targets=()
 skipped=()
 
+# skip WHY NAME: leave a peer out of the run, and say why on the page.
+skip() {
+  case $1 in
+    rejected) echo "run.sh: $2: configuration rejected; skipped" >&2; cat "$tmp/$2.log" >&2
+              skipped+=("$2: configuration rejected") ;;
+    missing)  echo "run.sh: $2 not installed; skipped (bash bench/run.sh --install)" >&2
+              skipped+=("$2: not installed") ;;
+  esac
+}
+
 # up NAME PORT KIND AUTH: wait for the port, then register the target.
 up() {
   local name=$1 port=$2 kind=$3 auth=$4 pid=$last_pid
@@ -237,13 +247,11 @@ if command -v nginx >/dev/null; then
       start "$name" nginx -e "$dir/error.log" -p "$dir/" -c "$dir/nginx.conf"
       up "$name" "$port" nginx "$auth"
     else
-      echo "run.sh: $name: configuration rejected; skipped" >&2; cat "$tmp/$name.log" >&2
-      skipped+=("$name: configuration rejected")
+      skip rejected "$name"
     fi
   done
 else
-  echo "run.sh: nginx not installed; skipped (bash bench/run.sh --install)" >&2
-  skipped+=("nginx: not installed")
+  skip missing nginx
 fi
 
 # ---- HAProxy: one process, nbthread $workers ------------------------------
@@ -299,13 +307,11 @@ if command -v haproxy >/dev/null; then
       start "$name" haproxy -db -f "$tmp/$name.cfg"
       up "$name" "$port" haproxy "$auth"
     else
-      echo "run.sh: $name: configuration rejected; skipped" >&2; cat "$tmp/$name.log" >&2
-      skipped+=("$name: configuration rejected")
+      skip rejected "$name"
     fi
   done
 else
-  echo "run.sh: haproxy not installed; skipped (bash bench/run.sh --install)" >&2
-  skipped+=("haproxy: not installed")
+  skip missing haproxy
 fi
 
 # ---- Caddy: one Go process, GOMAXPROCS=$workers ---------------------------
@@ -367,8 +373,7 @@ if command -v caddy >/dev/null; then
     up "$name" "$port" caddy "$auth"
   done
 else
-  echo "run.sh: caddy not installed; skipped (bash bench/run.sh --install)" >&2
-  skipped+=("caddy: not installed")
+  skip missing caddy
 fi
 
 # ---- measure ---------------------------------------------------------------

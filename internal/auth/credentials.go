@@ -130,7 +130,7 @@ func Strip(r *http.Request) {
 	delete(r.Header, "X-Api-Key")
 	stripSessionCookie(r.Header)
 	if r.URL != nil && hasQueryCredential(r.URL.RawQuery) {
-		r.URL.RawQuery = filterQuery(r.URL.RawQuery, func(pair string) string { return "" })
+		r.URL.RawQuery = dropCredentials(r.URL.RawQuery)
 		if r.URL.RawQuery == "" {
 			r.URL.ForceQuery = false
 		}
@@ -215,33 +215,21 @@ func secretLooking(rawName string) bool {
 	return false
 }
 
-// filterQuery rebuilds rawQuery, replacing each credential pair by
-// replace(pair); an empty replacement drops the pair.
-func filterQuery(rawQuery string, replace func(pair string) string) string {
+// dropCredentials rebuilds rawQuery without its credential pairs; the other
+// pairs keep their exact text and order.
+func dropCredentials(rawQuery string) string {
 	var b strings.Builder
 	b.Grow(len(rawQuery))
 	first := true
-	for rest := rawQuery; ; {
-		pair, after, more := strings.Cut(rest, "&")
+	for pair := range strings.SplitSeq(rawQuery, "&") {
 		if _, isCred := queryCredentialName(pair); isCred {
-			pair = replace(pair)
-			if pair == "" {
-				if !more {
-					break
-				}
-				rest = after
-				continue
-			}
+			continue
 		}
 		if !first {
 			b.WriteByte('&')
 		}
 		b.WriteString(pair)
 		first = false
-		if !more {
-			break
-		}
-		rest = after
 	}
 	return b.String()
 }

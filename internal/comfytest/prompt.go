@@ -502,15 +502,19 @@ func (f *Fake) execute(j *job) {
 	for _, id := range order {
 		n := byID[id]
 		if cached == nil {
+			// The interrupt flag is read before "executing" goes out, so an
+			// interrupt a client sends on seeing it lands at the next node,
+			// whatever the scheduler does. The message order stays ComfyUI's
+			// (executing N, then execution_interrupted N).
+			f.mu.Lock()
+			stop := f.interrupt
+			f.mu.Unlock()
 			f.sendTarget(j.clientID, "executing", mustJSON(struct {
 				Node        string `json:"node"`
 				DisplayNode string `json:"display_node"`
 				PromptID    string `json:"prompt_id"`
 			}{id, id, j.id}))
 			f.setCurrentNode(id)
-			f.mu.Lock()
-			stop := f.interrupt
-			f.mu.Unlock()
 			if stop {
 				interrupted = true
 				f.sendInterrupted(j, id, n.classType, executed, &messages)
@@ -739,13 +743,26 @@ func (f *Fake) serveHistoryItem(w http.ResponseWriter, r *http.Request, args []s
 	writeJSON(w, http.StatusOK, []byte("{"+string(mustJSON(args[0]))+":"+string(entry)+"}"))
 }
 
-func (f *Fake) servePostHistory(w http.ResponseWriter, r *http.Request, _ []string) {
-	var body struct {
-		Clear  bool     `json:"clear"`
-		Delete []string `json:"delete"`
-	}
+// clearDelete is the body of POST /queue and POST /history.
+type clearDelete struct {
+	Clear  bool     `json:"clear"`
+	Delete []string `json:"delete"`
+}
+
+// readClearDelete decodes it, answering 500 (aiohttp's answer to bad JSON)
+// when it cannot.
+func readClearDelete(w http.ResponseWriter, r *http.Request) (clearDelete, bool) {
+	var body clearDelete
 	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
 		serverError(w)
+		return body, false
+	}
+	return body, true
+}
+
+func (f *Fake) servePostHistory(w http.ResponseWriter, r *http.Request, _ []string) {
+	body, ok := readClearDelete(w, r)
+	if !ok {
 		return
 	}
 	f.mu.Lock()
@@ -783,12 +800,8 @@ func (f *Fake) serveQueue(w http.ResponseWriter, r *http.Request, _ []string) {
 // servePostQueue is POST /queue: {"clear": true} drops the pending items,
 // {"delete": [ids]} the pending items with those ids. Running items stay.
 func (f *Fake) servePostQueue(w http.ResponseWriter, r *http.Request, _ []string) {
-	var body struct {
-		Clear  bool     `json:"clear"`
-		Delete []string `json:"delete"`
-	}
-	if err := json.NewDecoder(r.Body).Decode(&body); err != nil {
-		serverError(w)
+	body, ok := readClearDelete(w, r)
+	if !ok {
 		return
 	}
 	f.emitMu.Lock()
