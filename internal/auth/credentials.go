@@ -128,21 +128,51 @@ func Strip(r *http.Request) {
 	// The names are canonical already; delete skips Del's canonicalisation.
 	delete(r.Header, "Authorization")
 	delete(r.Header, "X-Api-Key")
-	stripSessionCookie(r.Header)
-	if r.URL != nil && hasQueryCredential(r.URL.RawQuery) {
-		r.URL.RawQuery = dropCredentials(r.URL.RawQuery)
+	if values, ok := r.Header["Cookie"]; ok {
+		if kept := StripCookies(values); len(kept) > 0 {
+			r.Header["Cookie"] = kept
+		} else {
+			delete(r.Header, "Cookie")
+		}
+	}
+	if r.URL != nil {
+		r.URL.RawQuery = StripQuery(r.URL.RawQuery)
 		if r.URL.RawQuery == "" {
 			r.URL.ForceQuery = false
 		}
 	}
 }
 
-// stripSessionCookie removes comfygate's session cookie from the Cookie
-// headers and keeps every other cookie as it was.
-func stripSessionCookie(h http.Header) {
-	values := h["Cookie"]
-	if len(values) == 0 {
-		return
+// IsCredentialHeader reports whether the canonical header name carries a
+// key: Authorization or X-Api-Key. Strip removes both.
+func IsCredentialHeader(name string) bool {
+	return name == "Authorization" || name == "X-Api-Key"
+}
+
+// StripQuery returns rawQuery without its api_key and token parameters; the
+// other pairs keep their exact text and order. A query without credentials
+// is returned as it is, without allocating.
+func StripQuery(rawQuery string) string {
+	if !hasQueryCredential(rawQuery) {
+		return rawQuery
+	}
+	return dropCredentials(rawQuery)
+}
+
+// StripCookies returns the Cookie header values without comfygate's session
+// cookie; every other cookie is kept as it was. Values without the session
+// cookie are returned as they are, without allocating; nil means nothing is
+// left.
+func StripCookies(values []string) []string {
+	found := false
+	for _, v := range values {
+		if strings.Contains(v, session.CookieName) {
+			found = true
+			break
+		}
+	}
+	if !found {
+		return values
 	}
 	var kept []string
 	for _, v := range values {
@@ -161,11 +191,7 @@ func stripSessionCookie(h http.Header) {
 			kept = append(kept, strings.Join(parts, "; "))
 		}
 	}
-	if len(kept) == 0 {
-		h.Del("Cookie")
-	} else {
-		h["Cookie"] = kept
-	}
+	return kept
 }
 
 // RedactQuery returns rawQuery for logs: the value of every key parameter,

@@ -226,25 +226,14 @@ func (c wsBytesCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(out), "out")
 }
 
-// Transport wraps base so that every exchange with ComfyUI is timed.
-func (m *Metrics) Transport(base http.RoundTripper) http.RoundTripper {
-	return roundTripper{base: base, m: m}
-}
-
-type roundTripper struct {
-	base http.RoundTripper
-	m    *Metrics
-}
-
-func (t roundTripper) RoundTrip(r *http.Request) (*http.Response, error) {
-	start := time.Now()
-	resp, err := t.base.RoundTrip(r)
+// ObserveExchange records one exchange with ComfyUI (proxy.Options.Observe):
+// d is the time to its response headers, or err what ended it before them.
+func (m *Metrics) ObserveExchange(r *http.Request, d time.Duration, err error) {
 	if err != nil {
 		if reason := upstreamReason(r, err); reason != "" {
-			t.m.ObserveUpstream(r.URL.Path, 0, reason)
+			m.ObserveUpstream(r.URL.Path, 0, reason)
 		}
-		return nil, err
+		return
 	}
-	t.m.ObserveUpstream(r.URL.Path, time.Since(start), "")
-	return resp, nil
+	m.ObserveUpstream(r.URL.Path, d, "")
 }

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -34,9 +35,14 @@ type Options struct {
 	// once the request is sent; 0 means no limit. Bodies and WebSockets are
 	// never timed out: a download or a generation may take very long.
 	ResponseHeaderTimeout time.Duration
-	// Transport overrides the transport (tests). Nil means a tuned clone of
-	// http.DefaultTransport.
+	// Transport overrides the way to ComfyUI (tests): every request then
+	// goes through it and httputil.ReverseProxy. Nil means comfygate's own
+	// connection pool for plain requests to an http:// ComfyUI (forward.go)
+	// and a tuned clone of http.DefaultTransport for upgrades and https.
 	Transport http.RoundTripper
+	// Observe, if set, is told of every exchange with ComfyUI: the time to
+	// its response headers, or the error that ended it before them.
+	Observe func(r *http.Request, d time.Duration, err error)
 	// TrustForwarded reports whether a request came from a trusted proxy,
 	// whose X-Forwarded-For, -Proto and -Host are then passed on (with the
 	// proxy's address added) instead of replaced. Nil trusts nobody.
@@ -53,6 +59,10 @@ type Proxy struct {
 	rp        *httputil.ReverseProxy
 	transport http.RoundTripper
 	streams   streams
+	// pool carries plain requests when it is not nil (forward.go); basePath
+	// is the target's path, prefixed to every forwarded path.
+	pool     *connPool
+	basePath string
 }
 
 // New returns a Proxy for target, a ComfyUI base URL such as
@@ -68,6 +78,13 @@ func New(target *url.URL, opts Options) *Proxy {
 	transport := opts.Transport
 	if transport == nil {
 		transport = NewTransport(opts.DialTimeout, opts.ResponseHeaderTimeout)
+		if target.Scheme == "http" {
+			p.pool = newConnPool(hostPort(target), opts.DialTimeout, maxIdlePerHost)
+			p.basePath = strings.TrimSuffix(target.EscapedPath(), "/")
+		}
+	}
+	if opts.Observe != nil {
+		transport = observed{transport, opts.Observe}
 	}
 	p.transport = transport
 	p.rp = &httputil.ReverseProxy{
@@ -80,6 +97,47 @@ func New(target *url.URL, opts Options) *Proxy {
 	return p
 }
 
+// maxIdlePerHost is how many idle connections to ComfyUI are kept.
+const maxIdlePerHost = 256
+
+// hostPort is the dial address of an http:// or https:// URL.
+func hostPort(u *url.URL) string {
+	if port := u.Port(); port != "" {
+		return net.JoinHostPort(u.Hostname(), port)
+	}
+	if u.Scheme == "https" {
+		return net.JoinHostPort(u.Hostname(), "443")
+	}
+	return net.JoinHostPort(u.Hostname(), "80")
+}
+
+// observed reports each round trip to Options.Observe.
+type observed struct {
+	base    http.RoundTripper
+	observe func(*http.Request, time.Duration, error)
+}
+
+func (o observed) RoundTrip(r *http.Request) (*http.Response, error) {
+	start := time.Now()
+	res, err := o.base.RoundTrip(r)
+	if err != nil {
+		o.observe(r, 0, err)
+		return nil, err
+	}
+	o.observe(r, time.Since(start), nil)
+	return res, nil
+}
+
+// Close closes the idle connections to ComfyUI.
+func (p *Proxy) Close() {
+	if p.pool != nil {
+		p.pool.closeIdle()
+	}
+	if t, ok := p.opts.Transport.(interface{ CloseIdleConnections() }); ok {
+		t.CloseIdleConnections()
+	}
+}
+
 // NewTransport returns the transport used to reach ComfyUI: a clone of
 // http.DefaultTransport with a connection pool sized for a proxy, and
 // without transparent compression, so bodies pass through exactly as sent.
@@ -90,7 +148,7 @@ func NewTransport(dialTimeout, responseHeaderTimeout time.Duration) *http.Transp
 	t.Proxy = nil
 	t.DialContext = (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext
 	t.MaxIdleConns = 512
-	t.MaxIdleConnsPerHost = 256
+	t.MaxIdleConnsPerHost = maxIdlePerHost
 	t.IdleConnTimeout = 90 * time.Second
 	t.ResponseHeaderTimeout = responseHeaderTimeout
 	t.DisableCompression = true
@@ -109,6 +167,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if up := upgradeType(r.Header); up != "" {
 		p.serveUpgrade(w, r, up)
+		return
+	}
+	if p.forwardable(r) {
+		p.forward(w, r)
 		return
 	}
 	p.rp.ServeHTTP(w, r)

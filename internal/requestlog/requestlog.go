@@ -190,8 +190,8 @@ func (c *countingBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// recorder notes the status and size of a response. It passes Flush and
-// Hijack through and has Unwrap, so streaming responses and WebSocket
+// recorder notes the status and size of a response. It passes Flush,
+// ReadFrom and Hijack through and has Unwrap, so streaming responses and WebSocket
 // upgrades work through it.
 type recorder struct {
 	http.ResponseWriter
@@ -213,6 +213,18 @@ func (r *recorder) Write(p []byte) (int, error) {
 	}
 	n, err := r.ResponseWriter.Write(p)
 	r.bytes += int64(n)
+	return n, err
+}
+
+// ReadFrom passes large bodies on to the server connection's ReadFrom, which
+// can splice them from the source socket without copying them through
+// user space.
+func (r *recorder) ReadFrom(src io.Reader) (int64, error) {
+	if r.status == 0 {
+		r.status = http.StatusOK
+	}
+	n, err := io.Copy(r.ResponseWriter, src)
+	r.bytes += n
 	return n, err
 }
 

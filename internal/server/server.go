@@ -67,15 +67,14 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		WebSocketBytes: func() (int64, int64) { return s.proxy.StreamBytes() },
 	})
 	s.metrics.SetKeys(s.keys.KeySet().Len())
-	if transport == nil {
-		transport = proxy.NewTransport(5*time.Second, cfg.UpstreamTimeout)
-	}
 	s.proxy = proxy.New(cfg.Upstream, proxy.Options{
-		StripCredentials: len(cfg.Keys) > 0,
-		MaxBodyBytes:     cfg.MaxBodyBytes,
-		Transport:        s.metrics.Transport(transport),
-		TrustForwarded:   clients.FromTrustedProxy,
-		Logger:           logger,
+		StripCredentials:      len(cfg.Keys) > 0,
+		MaxBodyBytes:          cfg.MaxBodyBytes,
+		ResponseHeaderTimeout: cfg.UpstreamTimeout,
+		Transport:             transport, // nil outside tests
+		Observe:               s.metrics.ObserveExchange,
+		TrustForwarded:        clients.FromTrustedProxy,
+		Logger:                logger,
 	})
 	s.health = health.New(cfg.Upstream, health.Options{
 		Timeout:        cfg.HealthTimeout,
