@@ -136,11 +136,12 @@ func (e *entry) release(ctx context.Context) {
 }
 
 func (e *entry) finish(ctx context.Context, aborted bool) {
+	now := time.Now()
 	status := e.rec.status
 	if status == 0 {
 		status = http.StatusOK
 	}
-	elapsed := time.Since(e.start)
+	elapsed := now.Sub(e.start)
 	if e.observe != nil {
 		e.res = Result{Method: e.method, Path: e.path, Status: status, BytesOut: e.rec.bytes, Duration: elapsed, Scope: &e.scope}
 		if e.hasBody {
@@ -148,34 +149,38 @@ func (e *entry) finish(ctx context.Context, aborted bool) {
 		}
 		e.observe(&e.res)
 	}
-	logged := e.rawPath
-	if e.query != "" {
-		logged += "?" + e.redact(e.query)
-	}
-	var buf [10]slog.Attr
-	attrs := append(buf[:0],
-		slog.String("method", e.method),
-		slog.String("path", logged),
-		slog.Int("status", status),
-		slog.Int64("bytes", e.rec.bytes+e.wsOut.Load()),
-		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
-		slog.String("client", e.scope.Client.String()),
-	)
-	if e.scope.KeyName != "" {
-		attrs = append(attrs, slog.String("key", e.scope.KeyName))
-	}
-	if e.scope.AuthFailure != "" {
-		attrs = append(attrs, slog.String("auth_failure", e.scope.AuthFailure))
-	}
-	if status == http.StatusSwitchingProtocols {
-		attrs = append(attrs, slog.Int64("bytes_in", e.wsIn.Load()))
-	}
 	level := slog.LevelInfo
 	if aborted {
-		attrs = append(attrs, slog.Bool("aborted", true))
 		level = slog.LevelWarn
 	}
-	e.logger.LogAttrs(ctx, level, "request", attrs...)
+	h, fast := e.logger.Handler().(*jsonHandler)
+	if fast && !h.Enabled(ctx, level) {
+		return // as LogAttrs would, but before redacting the query
+	}
+	l := line{
+		method:      e.method,
+		path:        e.rawPath,
+		status:      status,
+		bytes:       e.rec.bytes + e.wsOut.Load(),
+		durationMS:  float64(elapsed.Microseconds()) / 1000,
+		client:      e.scope.Client,
+		key:         e.scope.KeyName,
+		authFailure: e.scope.AuthFailure,
+		aborted:     aborted,
+	}
+	if e.query != "" {
+		l.query, l.hasQuery = e.redact(e.query), true
+	}
+	if status == http.StatusSwitchingProtocols {
+		l.bytesIn = e.wsIn.Load()
+	}
+	// Writing the line ourselves skips the Record, the Attrs and the
+	// handler's generic walk over them; it writes the same bytes.
+	if fast && h.writeLine(now, level, &l) {
+		return
+	}
+	var buf [10]slog.Attr
+	e.logger.LogAttrs(ctx, level, "request", l.attrs(buf[:0])...)
 }
 
 // countingBody counts the request body bytes read through it.

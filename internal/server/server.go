@@ -21,6 +21,7 @@ import (
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/clientip"
 	"github.com/comfygate/comfygate/internal/config"
+	"github.com/comfygate/comfygate/internal/h1"
 	"github.com/comfygate/comfygate/internal/health"
 	"github.com/comfygate/comfygate/internal/login"
 	"github.com/comfygate/comfygate/internal/metrics"
@@ -337,12 +338,29 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 			}
 		})
 	}
+	// Plain listeners are served by h1, which answers the common requests
+	// with less CPU than net/http and hands every other connection to srv;
+	// TLS listeners are srv's alone.
+	var fast *h1.Server
+	if !s.cfg.TLS() {
+		fast = &h1.Server{
+			Handler:           s.handler,
+			Fallback:          srv,
+			ReadHeaderTimeout: srv.ReadHeaderTimeout,
+			IdleTimeout:       srv.IdleTimeout,
+			BaseContext:       context.WithoutCancel(ctx),
+			Logger:            s.log,
+		}
+	}
 	for _, ln := range lns {
-		if s.cfg.TLS() {
+		serve := srv.Serve
+		if fast != nil {
+			serve = fast.Serve
+		} else {
 			ln = tls.NewListener(ln, srv.TLSConfig)
 		}
 		wg.Go(func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- err
 			}
 		})
@@ -361,10 +379,15 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	if metricsSrv != nil {
 		metricsSrv.Shutdown(shCtx)
 	}
-	if err := srv.Shutdown(shCtx); err != nil {
-		s.log.Warn("shutdown timed out; closing the remaining connections", "err", err)
-		srv.Close()
+	shutdown, closeAll := srv.Shutdown, srv.Close
+	if fast != nil {
+		shutdown, closeAll = fast.Shutdown, fast.Close
 	}
+	if err := shutdown(shCtx); err != nil {
+		s.log.Warn("shutdown timed out; closing the remaining connections", "err", err)
+		closeAll()
+	}
+	s.proxy.Close()
 	streams.Wait()
 	stopWatch()
 	wg.Wait()
