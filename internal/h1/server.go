@@ -263,6 +263,9 @@ func (c *prefixConn) Read(p []byte) (int, error) {
 	if len(c.prefix) > 0 {
 		n := copy(p, c.prefix)
 		c.prefix = c.prefix[n:]
+		if len(c.prefix) == 0 {
+			c.prefix = nil // let the copy go
+		}
 		return n, nil
 	}
 	return c.TCPConn.Read(p)

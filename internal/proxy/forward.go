@@ -96,7 +96,7 @@ func (p *Proxy) exchange(w http.ResponseWriter, r *http.Request, uc *upstreamCon
 		}
 	}()
 
-	if err := p.writeRequest(uc.bw, r); err != nil {
+	if err := p.writeRequest(uc.bw, r, ""); err != nil {
 		return true, err
 	}
 	if t := p.opts.ResponseHeaderTimeout; t > 0 {
@@ -104,7 +104,7 @@ func (p *Proxy) exchange(w http.ResponseWriter, r *http.Request, uc *upstreamCon
 	}
 	h := w.Header()
 	var addedBuf [16]added
-	res, added, err := readResponseHead(uc.br, h, r.Method, addedBuf[:0])
+	res, added, err := readResponseHead(uc.br, h, r.Method, addedBuf[:0], false)
 	if err != nil {
 		// Take back the headers of the broken answer before the error
 		// answer is written.
@@ -161,7 +161,7 @@ func (p *Proxy) observe(r *http.Request, d time.Duration, err error) {
 var aLongTimeAgo = time.Unix(1, 0)
 
 // writeRequest writes r's head and body to bw and flushes it.
-func (p *Proxy) writeRequest(bw *bufio.Writer, r *http.Request) error {
+func (p *Proxy) writeRequest(bw *bufio.Writer, r *http.Request, upgrade string) error {
 	bw.WriteString(r.Method)
 	bw.WriteByte(' ')
 	bw.WriteString(p.basePath)
@@ -229,6 +229,10 @@ func (p *Proxy) writeRequest(bw *bufio.Writer, r *http.Request) error {
 	}
 	writeHeader(bw, "X-Forwarded-Host", fwdHost)
 	writeHeader(bw, "X-Forwarded-Proto", fwdProto)
+	if upgrade != "" {
+		bw.WriteString("Connection: Upgrade\r\n")
+		writeHeader(bw, "Upgrade", upgrade)
+	}
 
 	hasBody := r.Body != nil && r.Body != http.NoBody
 	switch {
@@ -383,7 +387,7 @@ type added struct {
 	prev int
 }
 
-func readResponseHead(br *bufio.Reader, h http.Header, method string, log []added) (res responseHead, _ []added, err error) {
+func readResponseHead(br *bufio.Reader, h http.Header, method string, log []added, upgrade bool) (res responseHead, _ []added, err error) {
 	res.none = true
 	var scratch []byte
 	for {
@@ -400,6 +404,9 @@ func readResponseHead(br *bufio.Reader, h http.Header, method string, log []adde
 		res.keepAlive = proto == 1
 		if status >= 100 && status < 200 {
 			if status == http.StatusSwitchingProtocols {
+				if upgrade {
+					break
+				}
 				return res, log, fmt.Errorf("%w: 101 to a request that asked for no upgrade", errUpstreamProtocol)
 			}
 			// An interim answer (100 Continue, 103 Early Hints): skip it.
@@ -456,8 +463,12 @@ func readResponseHead(br *bufio.Reader, h http.Header, method string, log []adde
 		case "Connection":
 			connection = append(connection, string(value))
 			continue
+		case "Upgrade":
+			if !upgrade || res.status != http.StatusSwitchingProtocols {
+				continue
+			}
 		case "Keep-Alive", "Proxy-Connection", "Proxy-Authenticate", "Proxy-Authorization",
-			"Te", "Trailer", "Upgrade":
+			"Te", "Trailer":
 			continue
 		}
 		log = append(log, added{name, len(h[name])})
@@ -478,6 +489,8 @@ func readResponseHead(br *bufio.Reader, h http.Header, method string, log []adde
 				res.keepAlive = false
 			case equalFoldTrim(tok, "keep-alive"):
 				// HTTP/1.0 keep-alive is not used: only 1.1 connections are reused.
+			case upgrade && res.status == http.StatusSwitchingProtocols && equalFoldTrim(tok, "upgrade"):
+				// The switch itself: Upgrade is kept for the handshake.
 			default:
 				for name := range h {
 					if equalFoldTrim(tok, name) {

@@ -89,12 +89,31 @@ func (p *connPool) dial(ctx context.Context) (*upstreamConn, bool, error) {
 		tcp.Close()
 		return nil, false, err
 	}
-	return &upstreamConn{
-		tcp: tcp,
-		raw: raw,
-		br:  bufio.NewReaderSize(tcp, 4<<10),
-		bw:  bufio.NewWriterSize(tcp, 4<<10),
-	}, false, nil
+	br := readers.Get().(*bufio.Reader)
+	br.Reset(tcp)
+	bw := writers.Get().(*bufio.Writer)
+	bw.Reset(tcp)
+	return &upstreamConn{tcp: tcp, raw: raw, br: br, bw: bw}, false, nil
+}
+
+// The buffers of closed connections, and of the handshakes of upgraded
+// ones, are reused: thousands of WebSockets opened in a burst would
+// otherwise leave 8 KiB of garbage each.
+var (
+	readers = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, 4<<10) }}
+	writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
+)
+
+// release returns the buffers to their pools; the connection is closed or
+// no longer read through them.
+func (c *upstreamConn) release() {
+	if c.br != nil {
+		c.br.Reset(nil)
+		readers.Put(c.br)
+		c.bw.Reset(nil)
+		writers.Put(c.bw)
+		c.br, c.bw = nil, nil
+	}
 }
 
 // put returns a connection whose last exchange ended cleanly. Connections
@@ -132,7 +151,10 @@ func (p *connPool) closeIdle() {
 	}
 }
 
-func (c *upstreamConn) close() { c.tcp.Close() }
+func (c *upstreamConn) close() {
+	c.tcp.Close()
+	c.release()
+}
 
 // open reports whether an idle connection is still usable: ComfyUI has
 // neither closed it nor sent anything unasked. It peeks at the socket

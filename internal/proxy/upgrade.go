@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httputil"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
 )
@@ -82,50 +84,17 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		jsonerr.Write(w, http.StatusBadRequest, "bad_request", "a protocol upgrade request must not have a body")
 		return
 	}
-	out := r.Clone(r.Context())
-	out.Body = nil
-	out.Close = false
-	removeHopByHop(out.Header)
-	out.Header.Set("Connection", "Upgrade")
-	out.Header.Set("Upgrade", upType)
-	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
-		delete(out.Header, h)
+	var (
+		backConn  io.ReadWriteCloser
+		resHeader http.Header
+	)
+	if p.pool != nil {
+		backConn, resHeader = p.dialUpgrade(w, r, upType)
+	} else {
+		backConn, resHeader = p.transportUpgrade(w, r, upType)
 	}
-	p.rewrite(&httputil.ProxyRequest{In: r, Out: out})
-	if _, ok := out.Header["User-Agent"]; !ok {
-		out.Header.Set("User-Agent", "") // not Go's default
-	}
-
-	res, err := p.transport.RoundTrip(out)
-	if err != nil {
-		p.errorHandler(w, r, err)
-		return
-	}
-	if res.StatusCode != http.StatusSwitchingProtocols {
-		// Refused (a bad origin, an unknown path): pass the answer on.
-		defer res.Body.Close()
-		removeHopByHop(res.Header)
-		copyHeader(w.Header(), res.Header)
-		w.WriteHeader(res.StatusCode)
-		buf := getBuffer()
-		defer putBuffer(buf)
-		io.CopyBuffer(writerOnly{w}, res.Body, buf[:])
-		return
-	}
-	backConn, ok := res.Body.(io.ReadWriteCloser)
-	resType := upgradeType(res.Header)
-	switch {
-	case !ok:
-		err = errors.New("internal error: 101 switching protocols response with non-writable body")
-	case !isPrint(resType):
-		err = fmt.Errorf("backend tried to switch to invalid protocol %q", resType)
-	case !strings.EqualFold(resType, upType):
-		err = fmt.Errorf("backend tried to switch protocol %q when %q was requested", resType, upType)
-	}
-	if err != nil {
-		res.Body.Close()
-		p.errorHandler(w, r, err)
-		return
+	if backConn == nil {
+		return // answered already
 	}
 
 	conn, brw, err := http.NewResponseController(w).Hijack()
@@ -134,9 +103,8 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		p.errorHandler(w, r, fmt.Errorf("hijack failed on protocol switch: %w", err))
 		return
 	}
-	copyHeader(w.Header(), res.Header)
-	res.Header = w.Header()
-	res.Body = nil // res.Write writes the headers only
+	res := &http.Response{StatusCode: http.StatusSwitchingProtocols, ProtoMajor: 1, ProtoMinor: 1, Header: w.Header()}
+	copyHeader(res.Header, resHeader)
 	err = res.Write(brw)
 	if err == nil {
 		err = brw.Flush()
@@ -145,6 +113,17 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		conn.Close()
 		backConn.Close()
 		return
+	}
+	// Bytes ComfyUI sent right behind its 101 (its first messages) are in
+	// our reader; they go to the client before anything else.
+	if up, ok := backConn.(*upgradedConn); ok && len(up.early) > 0 {
+		if _, err := conn.Write(up.early); err != nil {
+			conn.Close()
+			backConn.Close()
+			return
+		}
+		p.streams.out.Add(int64(len(up.early)))
+		up.early = nil
 	}
 	// Bytes the client sent right behind its request are in the server's
 	// reader; pass them on, then let the reader and writer go.
@@ -178,6 +157,130 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		defer closeBoth()
 		pump(c, backConn)
 	}()
+}
+
+// dialUpgrade does the handshake on a new connection to ComfyUI (never a
+// pooled one: it will not come back). It returns the connection and the
+// 101's headers, or nil after answering w itself.
+func (p *Proxy) dialUpgrade(w http.ResponseWriter, r *http.Request, upType string) (io.ReadWriteCloser, http.Header) {
+	start := time.Now()
+	uc, _, err := p.pool.dial(r.Context())
+	if err != nil {
+		p.observe(r, 0, err)
+		p.errorHandler(w, r, err)
+		return nil, nil
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			uc.close()
+		}
+	}()
+	if err := p.writeRequest(uc.bw, r, upType); err != nil {
+		p.observe(r, 0, err)
+		p.errorHandler(w, r, err)
+		return nil, nil
+	}
+	if t := p.opts.ResponseHeaderTimeout; t > 0 {
+		uc.tcp.SetReadDeadline(time.Now().Add(t))
+	}
+	h := make(http.Header)
+	res, _, err := readResponseHead(uc.br, h, r.Method, nil, true)
+	if err == nil && res.status == http.StatusSwitchingProtocols {
+		if got := h.Get("Upgrade"); !strings.EqualFold(got, upType) {
+			err = fmt.Errorf("backend tried to switch protocol %q when %q was requested", got, upType)
+		}
+	}
+	if err != nil {
+		p.observe(r, 0, err)
+		p.errorHandler(w, r, err)
+		return nil, nil
+	}
+	uc.tcp.SetReadDeadline(time.Time{})
+	p.observe(r, time.Since(start), nil)
+	if res.status != http.StatusSwitchingProtocols {
+		// Refused (a bad origin, an unknown path): pass the answer on.
+		copyHeader(w.Header(), h)
+		w.WriteHeader(res.status)
+		switch {
+		case res.chunked:
+			copyChunked(w, uc.br)
+		case res.length > 0:
+			copyLength(w, uc, res.length)
+		case res.length < 0:
+			copyFlushing(w, uc.br)
+		}
+		return nil, nil
+	}
+	h.Set("Connection", "Upgrade")
+	up := &upgradedConn{TCPConn: uc.tcp}
+	if n := uc.br.Buffered(); n > 0 {
+		b, _ := uc.br.Peek(n)
+		up.early = append([]byte(nil), b...)
+	}
+	uc.release()
+	ok = true
+	return up, h
+}
+
+// upgradedConn is the ComfyUI side of an upgraded connection, without the
+// handshake's buffers. early holds what ComfyUI sent right behind its 101.
+type upgradedConn struct {
+	*net.TCPConn
+	early []byte
+}
+
+// transportUpgrade does the handshake through p.transport (an https
+// ComfyUI, or a transport given in Options). It returns the upstream
+// connection and the 101's headers, or nil after answering w itself.
+func (p *Proxy) transportUpgrade(w http.ResponseWriter, r *http.Request, upType string) (io.ReadWriteCloser, http.Header) {
+	out := r.Clone(r.Context())
+	out.Body = nil
+	out.Close = false
+	removeHopByHop(out.Header)
+	out.Header.Set("Connection", "Upgrade")
+	out.Header.Set("Upgrade", upType)
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+		delete(out.Header, h)
+	}
+	p.rewrite(&httputil.ProxyRequest{In: r, Out: out})
+	if _, ok := out.Header["User-Agent"]; !ok {
+		out.Header.Set("User-Agent", "") // not Go's default
+	}
+
+	res, err := p.transport.RoundTrip(out)
+	if err != nil {
+		p.errorHandler(w, r, err)
+		return nil, nil
+	}
+	if res.StatusCode != http.StatusSwitchingProtocols {
+		// Refused (a bad origin, an unknown path): pass the answer on.
+		defer res.Body.Close()
+		removeHopByHop(res.Header)
+		copyHeader(w.Header(), res.Header)
+		w.WriteHeader(res.StatusCode)
+		buf := getBuffer()
+		defer putBuffer(buf)
+		io.CopyBuffer(writerOnly{w}, res.Body, buf[:])
+		return nil, nil
+	}
+	backConn, ok := res.Body.(io.ReadWriteCloser)
+	resType := upgradeType(res.Header)
+	switch {
+	case !ok:
+		err = errors.New("internal error: 101 switching protocols response with non-writable body")
+	case !isPrint(resType):
+		err = fmt.Errorf("backend tried to switch to invalid protocol %q", resType)
+	case !strings.EqualFold(resType, upType):
+		err = fmt.Errorf("backend tried to switch protocol %q when %q was requested", resType, upType)
+	}
+	if err != nil {
+		res.Body.Close()
+		p.errorHandler(w, r, err)
+		return nil, nil
+	}
+
+	return backConn, res.Header
 }
 
 // smallRead is the buffer an idle direction of a WebSocket waits with.

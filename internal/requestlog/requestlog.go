@@ -250,8 +250,22 @@ func (r *recorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	r.status = http.StatusSwitchingProtocols
 	r.e.pending.Add(1)
+	// The entry lives as long as the connection (its line is written at
+	// the close); it must not keep the server's response, and with it the
+	// connection's read and write buffers, alive for that long.
+	r.ResponseWriter = hijackedWriter{}
 	return &hijackedConn{Conn: conn, e: r.e}, brw, nil
 }
+
+// hijackedWriter stands in for a response writer whose connection was
+// hijacked: what a handler still writes is refused, as net/http refuses it.
+type hijackedWriter struct{}
+
+func (hijackedWriter) Header() http.Header { return http.Header{} }
+
+func (hijackedWriter) Write([]byte) (int, error) { return 0, http.ErrHijacked }
+
+func (hijackedWriter) WriteHeader(int) {}
 
 // hijackedConn counts what the connection carries and writes the request's
 // line when it is closed.
