@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"log/slog"
 	"net"
@@ -180,9 +181,14 @@ func benchGateway(b *testing.B, upstream string, args ...string) string {
 	if err != nil {
 		b.Fatal(err)
 	}
-	srv := &http.Server{Handler: s.Handler()}
-	go srv.Serve(ln)
-	b.Cleanup(func() { srv.Close() })
+	// The production path: h1 in front, net/http behind it.
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, []net.Listener{ln}, nil) }()
+	b.Cleanup(func() {
+		cancel()
+		<-done
+	})
 	return "http://" + ln.Addr().String()
 }
 
