@@ -61,7 +61,8 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request) {
 		// A reused connection that ComfyUI closed just before the request
 		// fails before any answer. Without a body the request can be sent
 		// again on a fresh connection, as http.Transport would.
-		if retry && reused && !hasBody && attempt == 0 && r.Context().Err() == nil {
+		if retry && reused && !hasBody && idempotent(r.Method) && !isTimeout(err) &&
+			attempt == 0 && r.Context().Err() == nil {
 			continue
 		}
 		if ctxErr := r.Context().Err(); ctxErr != nil {
@@ -101,6 +102,9 @@ func (p *Proxy) exchange(w http.ResponseWriter, r *http.Request, uc *upstreamCon
 	}
 	if t := p.opts.ResponseHeaderTimeout; t > 0 {
 		uc.tcp.SetReadDeadline(time.Now().Add(t))
+		if err := r.Context().Err(); err != nil {
+			return false, err // gone while the deadline was set: it may have replaced the abort
+		}
 	}
 	h := w.Header()
 	var addedBuf [16]added
@@ -108,7 +112,8 @@ func (p *Proxy) exchange(w http.ResponseWriter, r *http.Request, uc *upstreamCon
 	if err != nil {
 		// Take back the headers of the broken answer before the error
 		// answer is written.
-		for _, a := range added {
+		for i := len(added) - 1; i >= 0; i-- {
+			a := added[i]
 			if a.prev == 0 {
 				delete(h, a.name)
 			} else {
@@ -149,6 +154,15 @@ func (p *Proxy) exchange(w http.ResponseWriter, r *http.Request, uc *upstreamCon
 		panic(http.ErrAbortHandler)
 	}
 	return false, nil
+}
+
+// idempotent reports the methods a retry cannot repeat the effect of.
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return false
 }
 
 func (p *Proxy) observe(r *http.Request, d time.Duration, err error) {
