@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -22,7 +23,12 @@ type conn struct {
 	ctx        context.Context
 	state      atomic.Int32
 	res        response
-	body       body
+	// body is the current request's body (nil: none).
+	body *body
+	// requests counts the requests read; lastPost is set when the last one
+	// was a POST (net/http then skips a stray CRLF after its body).
+	requests int
+	lastPost bool
 }
 
 func (s *Server) newConn(tcp *net.TCPConn) *conn {
@@ -31,6 +37,7 @@ func (s *Server) newConn(tcp *net.TCPConn) *conn {
 	if c.ctx == nil {
 		c.ctx = context.Background()
 	}
+	c.ctx = context.WithValue(c.ctx, http.ServerContextKey, s.Fallback)
 	c.ctx = context.WithValue(c.ctx, http.LocalAddrContextKey, tcp.LocalAddr())
 	c.res.c = c
 	return c
@@ -107,12 +114,33 @@ func (c *conn) handOver() {
 // when the request is not one served here (hand it over).
 func (c *conn) readRequest() (req *http.Request, ok bool, err error) {
 	s := c.s
+	// The first request must begin within ReadHeaderTimeout, as with
+	// net/http; later ones within IdleTimeout.
+	wait := s.IdleTimeout
+	if c.requests == 0 && s.ReadHeaderTimeout > 0 {
+		wait = s.ReadHeaderTimeout
+	}
 	if c.br.Buffered() == 0 {
-		if s.IdleTimeout > 0 {
-			c.tcp.SetReadDeadline(time.Now().Add(s.IdleTimeout))
+		if wait > 0 {
+			c.tcp.SetReadDeadline(time.Now().Add(wait))
 		}
 		if _, err := c.br.Peek(1); err != nil {
 			return nil, false, err
+		}
+	}
+	if c.lastPost {
+		// Old clients send CRLF after a POST body; net/http skips up to
+		// four CR or LF bytes there.
+		peek, _ := c.br.Peek(min(4, c.br.Buffered()))
+		n := 0
+		for n < len(peek) && (peek[n] == '\r' || peek[n] == '\n') {
+			n++
+		}
+		c.br.Discard(n)
+		if c.br.Buffered() == 0 {
+			if _, err := c.br.Peek(1); err != nil {
+				return nil, false, err
+			}
 		}
 	}
 	if s.ReadHeaderTimeout > 0 {
@@ -142,6 +170,8 @@ func (c *conn) readRequest() (req *http.Request, ok bool, err error) {
 		return nil, false, nil
 	}
 	c.br.Discard(len(head))
+	c.requests++
+	c.lastPost = req.Method == http.MethodPost
 	if s.ReadHeaderTimeout > 0 || s.IdleTimeout > 0 {
 		c.tcp.SetReadDeadline(time.Time{})
 	}
@@ -224,7 +254,7 @@ func (c *conn) parse(head []byte) (*http.Request, bool) {
 			continue
 		case "Content-Length":
 			cl, ok := parseLength(value)
-			if !ok || (lengths > 0 && cl != contentLength) {
+			if !ok || lengths > 0 { // net/http's rules for repeats: its own
 				return nil, false
 			}
 			contentLength = cl
@@ -259,9 +289,15 @@ func (c *conn) parse(head []byte) (*http.Request, bool) {
 		Close:         closeAfter,
 		Body:          http.NoBody,
 	}
+	if pragma, ok := h["Pragma"]; ok && len(pragma) > 0 && pragma[0] == "no-cache" {
+		if _, ok := h["Cache-Control"]; !ok {
+			h["Cache-Control"] = []string{"no-cache"} // as net/http does
+		}
+	}
+	c.body = nil
 	if contentLength > 0 {
-		c.body.reset(c.br, contentLength)
-		r.Body = &c.body
+		c.body = &body{br: c.br, remaining: contentLength}
+		r.Body = c.body
 	}
 	return r.WithContext(c.ctx), true
 }
@@ -287,27 +323,36 @@ func (c *conn) serveRequest(r *http.Request) (keepAlive bool) {
 		}()
 		c.s.Handler.ServeHTTP(w, r)
 	}()
+	// Detach the body first, whatever happens next: a handler's goroutine
+	// that reads it late gets an error, never the next request's bytes nor
+	// (once the connection is closed and its buffer reused) another
+	// client's.
+	var remaining int64
+	failed := false
+	if b := c.body; b != nil {
+		c.body = nil
+		b.mu.Lock()
+		remaining, failed = b.remaining, b.failed
+		b.br, b.detached = nil, true
+		b.mu.Unlock()
+	}
+	w.unread = remaining
 	if w.aborted {
 		return false
 	}
 	if err := w.finish(); err != nil {
 		return false
 	}
-	if r.Close || w.closeAfter {
+	if r.Close || w.closeAfter || failed || remaining > maxDrain {
 		return false
 	}
-	// Drain what the handler left of the body, if it is small.
-	if c.body.remaining > 0 {
-		if c.body.remaining > maxDrain {
+	// What the handler left of the body is drained, as it is small.
+	if remaining > 0 {
+		if _, err := c.br.Discard(int(remaining)); err != nil {
 			return false
 		}
-		if _, err := c.br.Discard(int(c.body.remaining)); err != nil {
-			return false
-		}
-		c.body.remaining = 0
 	}
-	c.body.br = nil
-	return !c.body.failed
+	return true
 }
 
 // maxDrain is how much of an unread request body is discarded to keep the
@@ -316,18 +361,20 @@ const maxDrain = 256 << 10
 
 // body is a request body of known length read from the connection.
 type body struct {
+	mu        sync.Mutex
 	br        *bufio.Reader
 	remaining int64
 	failed    bool
 	closed    bool
-}
-
-func (b *body) reset(br *bufio.Reader, n int64) {
-	b.br, b.remaining, b.failed, b.closed = br, n, false, false
+	// detached is set when the handler has returned: the connection has
+	// moved on.
+	detached bool
 }
 
 func (b *body) Read(p []byte) (int, error) {
-	if b.closed {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed || b.detached {
 		return 0, http.ErrBodyReadAfterClose
 	}
 	if b.remaining <= 0 {
@@ -355,6 +402,18 @@ func (b *body) Read(p []byte) (int, error) {
 // Close marks the body closed; what is left is drained (or the connection
 // closed) after the handler returns.
 func (b *body) Close() error {
+	b.mu.Lock()
 	b.closed = true
+	b.mu.Unlock()
 	return nil
+}
+
+// unread is how much of the body is left (0: none or detached).
+func (b *body) unread() int64 {
+	if b == nil {
+		return 0
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.remaining
 }

@@ -84,7 +84,7 @@ var hostChar = func() (t [128]bool) {
 		t[c] = true
 		t[c-'a'+'A'] = true
 	}
-	for _, c := range "!$%&'()*+,-.:;=@[]_~" {
+	for _, c := range "!$%&'()*+,-.:;=[]_~" {
 		t[c] = true
 	}
 	return t

@@ -26,8 +26,11 @@ type response struct {
 	head []byte
 	// declared is the handler's Content-Length (-1: none).
 	declared int64
-	sniff    bool
-	noBody   bool // HEAD, 1xx, 204, 304
+	// sniff is set when the handler set no Content-Type: it is detected
+	// from the first body bytes (sniffed), as net/http does.
+	sniff   bool
+	sniffed string
+	noBody  bool // HEAD, 1xx, 204, 304
 
 	committed bool
 	chunked   bool
@@ -36,6 +39,9 @@ type response struct {
 
 	closeAfter bool
 	aborted    bool
+	// unread is what the handler left of the request body, once the
+	// handler has returned (before that, the body itself says).
+	unread int64
 }
 
 func (w *response) reset(r *http.Request) {
@@ -46,9 +52,9 @@ func (w *response) reset(r *http.Request) {
 	}
 	w.req = r
 	w.wroteHeader, w.status, w.head, w.declared = false, 0, w.head[:0], -1
-	w.sniff, w.noBody, w.committed, w.chunked = false, false, false, false
+	w.sniff, w.sniffed, w.noBody, w.committed, w.chunked = false, "", false, false, false
 	w.buf, w.written = w.buf[:0], 0
-	w.closeAfter, w.aborted = false, false
+	w.closeAfter, w.aborted, w.unread = false, false, 0
 }
 
 func (w *response) Header() http.Header { return w.header }
@@ -81,7 +87,14 @@ func (w *response) WriteHeader(code int) {
 	_, hasDate := w.header["Date"]
 	for name, values := range w.header {
 		switch name {
+		case "Content-Type":
+			if code == http.StatusNotModified {
+				continue // as net/http: a 304 carries no representation metadata
+			}
 		case "Content-Length":
+			if code == http.StatusNotModified {
+				continue
+			}
 			if len(values) > 0 {
 				if n, ok := parseLength(values[0]); ok {
 					w.declared = n
@@ -108,7 +121,7 @@ func (w *response) WriteHeader(code int) {
 	if !hasDate {
 		head = appendHeader(head, "Date", httpDate())
 	}
-	w.sniff = !hasType && !w.noBody
+	w.sniff = !hasType && code >= 200 && code != http.StatusNoContent && code != http.StatusNotModified
 	w.head = head
 }
 
@@ -118,6 +131,7 @@ func (w *response) Write(p []byte) (int, error) {
 	}
 	if w.noBody {
 		if w.req.Method == http.MethodHead {
+			w.noteSniff(p)
 			w.written += int64(len(p)) // discarded, but counted for the length
 			return len(p), nil
 		}
@@ -131,6 +145,9 @@ func (w *response) Write(p []byte) (int, error) {
 			w.buf = append(w.buf, p...)
 			w.written += int64(len(p))
 			return len(p), nil
+		}
+		if len(w.buf) == 0 {
+			w.noteSniff(p)
 		}
 		if err := w.commit(false); err != nil {
 			return 0, err
@@ -157,6 +174,14 @@ func (w *response) writeBody(p []byte) (int, error) {
 	return n, err
 }
 
+// noteSniff detects the Content-Type from the first body bytes, if the
+// handler set none.
+func (w *response) noteSniff(p []byte) {
+	if w.sniff && w.sniffed == "" && len(p) > 0 {
+		w.sniffed = http.DetectContentType(p)
+	}
+}
+
 // commit writes the head. final says the handler has returned, so a body
 // held back in buf is all there is and its length is known.
 func (w *response) commit(final bool) error {
@@ -166,12 +191,13 @@ func (w *response) commit(final bool) error {
 	w.committed = true
 	bw := w.c.bw
 	bw.Write(w.head)
-	if w.sniff && len(w.buf) > 0 {
-		writeHeaderLine(bw, "Content-Type", http.DetectContentType(w.buf))
+	w.noteSniff(w.buf)
+	if w.sniffed != "" {
+		writeHeaderLine(bw, "Content-Type", w.sniffed)
 	}
 	switch {
-	case w.status < 200 || w.status == http.StatusNoContent:
-	case w.noBody: // HEAD, 304: the length the body would have, if known
+	case w.status < 200 || w.status == http.StatusNoContent || w.status == http.StatusNotModified:
+	case w.noBody: // HEAD: the length the body would have, if known
 		if w.declared >= 0 {
 			writeHeaderLine(bw, "Content-Length", strconv.FormatInt(w.declared, 10))
 		} else if final && w.req.Method == http.MethodHead && w.written > 0 {
@@ -184,6 +210,13 @@ func (w *response) commit(final bool) error {
 	default:
 		w.chunked = true
 		bw.WriteString("Transfer-Encoding: chunked\r\n")
+	}
+	unread := w.unread
+	if w.c.body != nil {
+		unread = w.c.body.unread()
+	}
+	if unread > maxDrain || w.c.s.closing.Load() {
+		w.closeAfter = true // the connection ends after this answer
 	}
 	if w.closeAfter || w.req.Close {
 		bw.WriteString("Connection: close\r\n")
@@ -226,7 +259,7 @@ func (w *response) ReadFrom(src io.Reader) (int64, error) {
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)
 	}
-	if w.noBody || w.declared < 0 || w.sniff {
+	if w.noBody || w.declared < 0 || (w.sniff && w.sniffed == "") {
 		return io.Copy(writerOnly{w}, src)
 	}
 	if !w.committed {
@@ -262,11 +295,8 @@ func (w *response) finish() error {
 	if w.chunked {
 		bw.WriteString("0\r\n\r\n")
 	}
-	if w.declared >= 0 && w.written < w.declared {
+	if !w.noBody && w.declared >= 0 && w.written < w.declared {
 		w.closeAfter = true // a short body: the client must not wait for more
-	}
-	if w.c.br.Buffered() > 0 && !w.closeAfter && w.c.body.remaining == 0 {
-		return nil // pipelined requests follow: write with their answers
 	}
 	return bw.Flush()
 }

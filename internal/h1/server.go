@@ -22,7 +22,9 @@
 //
 // Differences from net/http for the requests served here: the request
 // context is not cancelled when the client goes away (a handler notices on
-// its next write), and 1xx responses from handlers are dropped.
+// its next write); 1xx responses and trailers from handlers are dropped;
+// http.ResponseController's deadlines and full duplex are not supported
+// (Flush is).
 package h1
 
 import (
@@ -269,6 +271,23 @@ func (c *prefixConn) Read(p []byte) (int, error) {
 		return n, nil
 	}
 	return c.TCPConn.Read(p)
+}
+
+// WriteTo hides the embedded connection's WriteTo, which would skip the
+// prefix (io.Copy from a hijacked connection uses it).
+func (c *prefixConn) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	if len(c.prefix) > 0 {
+		m, err := w.Write(c.prefix)
+		n += int64(m)
+		c.prefix = c.prefix[m:]
+		if err != nil {
+			return n, err
+		}
+		c.prefix = nil
+	}
+	m, err := c.TCPConn.WriteTo(w)
+	return n + m, err
 }
 
 // stack returns the current goroutine's stack, for panic logs.
