@@ -3,46 +3,13 @@ package h1
 import (
 	"net/textproto"
 	"strings"
+
+	"github.com/comfygate/comfygate/internal/httpsyntax"
 )
 
 func cut(s, sep string) (before, after string, found bool) { return strings.Cut(s, sep) }
 
 func indexByte(s string, c byte) int { return strings.IndexByte(s, c) }
-
-// trimOWS removes optional whitespace (spaces, tabs) around a value.
-func trimOWS(s string) string {
-	for len(s) > 0 && (s[0] == ' ' || s[0] == '\t') {
-		s = s[1:]
-	}
-	for len(s) > 0 && (s[len(s)-1] == ' ' || s[len(s)-1] == '\t') {
-		s = s[:len(s)-1]
-	}
-	return s
-}
-
-// isToken reports whether s is a non-empty RFC 9110 token.
-func isToken(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c >= 0x80 || !tokenChar[c] {
-			return false
-		}
-	}
-	return len(s) > 0
-}
-
-var tokenChar = func() (t [128]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-		t[c-'a'+'A'] = true
-	}
-	for _, c := range "!#$%&'*+-.^_`|~" {
-		t[c] = true
-	}
-	return t
-}()
 
 // cleanValue reports whether a header value is visible ASCII, spaces and
 // tabs only. obs-text (bytes from 0x80) is legal but rare: not served here.
@@ -120,22 +87,8 @@ func parseLength(s string) (int64, bool) {
 	return n, true
 }
 
-// equalFold compares ASCII strings case-insensitively.
-func equalFold(a, b string) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := 0; i < len(a); i++ {
-		x, y := a[i], b[i]
-		if 'A' <= x && x <= 'Z' {
-			x += 'a' - 'A'
-		}
-		if 'A' <= y && y <= 'Z' {
-			y += 'a' - 'A'
-		}
-		if x != y {
-			return false
-		}
-	}
-	return true
-}
+var (
+	isToken   = httpsyntax.IsToken[string]
+	trimOWS   = httpsyntax.TrimOWS[string]
+	equalFold = httpsyntax.EqualFold
+)

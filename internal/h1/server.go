@@ -215,10 +215,9 @@ const (
 // handoffListener is the net.Listener the fallback server accepts the
 // handed-over connections from.
 type handoffListener struct {
-	ch     chan net.Conn
-	done   chan struct{}
-	once   sync.Once
-	closed atomic.Bool
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
 }
 
 func newHandoffListener() *handoffListener {

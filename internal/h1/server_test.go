@@ -12,7 +12,6 @@ import (
 	"maps"
 	"net"
 	"net/http"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -2220,22 +2219,6 @@ func TestHeadBoundaries(t *testing.T) {
 			}
 		})
 	}
-}
-
-// raceEnabled reports whether the test binary was built with -race. Tests
-// that demonstrate a data race in the code under test skip themselves
-// then: the race detector would fail them even when skipped.
-func raceEnabled() bool {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return false
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "-race" {
-			return s.Value == "true"
-		}
-	}
-	return false
 }
 
 // TestBodyReadAfterConnectionClosed: a late read (as above) of the body of

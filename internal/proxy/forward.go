@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/httpsyntax"
 )
 
 // Plain requests to an http:// ComfyUI take this path rather than
@@ -354,28 +355,7 @@ func cutByte(s string, c byte) (before, after string, found bool) {
 // equalFoldTrim compares tok, without surrounding spaces and tabs, to name
 // ASCII-case-insensitively.
 func equalFoldTrim(tok, name string) bool {
-	for len(tok) > 0 && (tok[0] == ' ' || tok[0] == '\t') {
-		tok = tok[1:]
-	}
-	for len(tok) > 0 && (tok[len(tok)-1] == ' ' || tok[len(tok)-1] == '\t') {
-		tok = tok[:len(tok)-1]
-	}
-	if len(tok) != len(name) {
-		return false
-	}
-	for i := 0; i < len(tok); i++ {
-		a, b := tok[i], name[i]
-		if 'A' <= a && a <= 'Z' {
-			a += 'a' - 'A'
-		}
-		if 'A' <= b && b <= 'Z' {
-			b += 'a' - 'A'
-		}
-		if a != b {
-			return false
-		}
-	}
-	return true
+	return httpsyntax.EqualFold(httpsyntax.TrimOWS(tok), name)
 }
 
 // responseHead is what the body copy needs to know of ComfyUI's answer.
@@ -449,10 +429,10 @@ func readResponseHead(br *bufio.Reader, h http.Header, method string, log []adde
 			return res, log, fmt.Errorf("%w: folded header line", errUpstreamProtocol)
 		}
 		colon := bytes.IndexByte(line, ':')
-		if colon <= 0 || !validName(line[:colon]) {
+		if colon <= 0 || !httpsyntax.IsToken(line[:colon]) {
 			return res, log, fmt.Errorf("%w: header line %q", errUpstreamProtocol, truncate(line))
 		}
-		value := bytes.Trim(line[colon+1:], " \t")
+		value := httpsyntax.TrimOWS(line[colon+1:])
 		if !validValue(value) {
 			return res, log, fmt.Errorf("%w: invalid value for header %q", errUpstreamProtocol, line[:colon])
 		}
@@ -599,16 +579,6 @@ func digitsOnly(b []byte) bool {
 	return len(b) > 0
 }
 
-// validName reports whether b is an RFC 9110 token.
-func validName(b []byte) bool {
-	for _, c := range b {
-		if c >= 0x80 || !tokenChar[c] {
-			return false
-		}
-	}
-	return len(b) > 0
-}
-
 // validValue reports whether b holds only visible characters, spaces, tabs
 // and obs-text: no CR, LF, NUL or other controls.
 func validValue(b []byte) bool {
@@ -619,20 +589,6 @@ func validValue(b []byte) bool {
 	}
 	return true
 }
-
-var tokenChar = func() (t [128]bool) {
-	for c := '0'; c <= '9'; c++ {
-		t[c] = true
-	}
-	for c := 'a'; c <= 'z'; c++ {
-		t[c] = true
-		t[c-'a'+'A'] = true
-	}
-	for _, c := range "!#$%&'*+-.^_`|~" {
-		t[c] = true
-	}
-	return t
-}()
 
 // commonNames interns the canonical names ComfyUI's answers carry, so that
 // the usual headers cost no allocation for their names.

@@ -178,12 +178,12 @@ func TestMiddlewareFastPathMatchesSlog(t *testing.T) {
 		}},
 		{"query and key", netip.MustParseAddr("2001:db8::2"), "/api/view?filename=a%22b.png&token=secret&x", func(w http.ResponseWriter, r *http.Request) {
 			ScopeFrom(r.Context()).KeyName = "ci \"bot\" \u2028"
-			w.WriteHeader(404)
+			w.WriteHeader(http.StatusNotFound)
 		}},
 		{"empty query", netip.Addr{}, "/a%2e%2e/%ff?", func(w http.ResponseWriter, r *http.Request) {}},
 		{"refused", netip.MustParseAddr("198.51.100.7"), "/prompt", func(w http.ResponseWriter, r *http.Request) {
 			ScopeFrom(r.Context()).AuthFailure = "invalid"
-			http.Error(w, "no", 401)
+			http.Error(w, "no", http.StatusUnauthorized)
 		}},
 		{"aborted", netip.MustParseAddr("192.0.2.1"), "/view?filename=x", func(w http.ResponseWriter, r *http.Request) {
 			ScopeFrom(r.Context()).KeyName = "k"
