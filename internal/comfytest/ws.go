@@ -86,20 +86,29 @@ func (f *Fake) serveWS(w http.ResponseWriter, r *http.Request, _ []string) {
 		rand.Read(b[:])
 		sid = hex.EncodeToString(b[:])
 	}
+	if rw, ok := w.(*responseWriter); ok {
+		rw.finish() // records the request, under f.mu: before f.mu is held below
+	}
 	hc := &hijackCapture{ResponseWriter: w}
+	// f.mu is held from before the 101 until the socket is registered. A
+	// client may post a prompt the moment it sees the 101; ComfyUI cannot
+	// run that POST before its handler has registered the socket (one
+	// event loop), and neither may the fake, or the prompt's messages go
+	// to no socket and are lost.
+	f.mu.Lock()
 	c, err := websocket.Accept(hc, r, &websocket.AcceptOptions{
 		InsecureSkipVerify: true,
 		CompressionMode:    websocket.CompressionDisabled,
 	})
 	if err != nil {
+		f.mu.Unlock()
 		f.logf("comfytest: websocket accept: %v", err)
 		return
 	}
 	c.SetReadLimit(4 << 20) // aiohttp's default max_msg_size
 	wc := &wsConn{c: c, sid: sid, raw: hc.conn}
 
-	wc.mu.Lock()
-	f.mu.Lock()
+	wc.mu.Lock() // nobody else knows wc yet: no order to keep with f.mu
 	if f.closed {
 		f.mu.Unlock()
 		wc.mu.Unlock()
