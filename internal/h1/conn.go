@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -208,10 +209,10 @@ func headEnd(buf []byte) (end int, bad bool) {
 func (c *conn) parse(head []byte) (*http.Request, bool) {
 	// One string holds the whole head; every field is a slice of it.
 	hs := string(head[:len(head)-4+2]) // through the last header's CRLF
-	line, rest, _ := cut(hs, "\r\n")
+	line, rest, _ := strings.Cut(hs, "\r\n")
 
-	method, line, ok1 := cut(line, " ")
-	target, proto, ok2 := cut(line, " ")
+	method, line, ok1 := strings.Cut(line, " ")
+	target, proto, ok2 := strings.Cut(line, " ")
 	if !ok1 || !ok2 || proto != "HTTP/1.1" || !isToken(method) || len(target) == 0 || target[0] != '/' || !cleanTarget(target) {
 		return nil, false
 	}
@@ -237,8 +238,8 @@ func (c *conn) parse(head []byte) (*http.Request, bool) {
 	closeAfter := false
 	for len(rest) > 0 {
 		var l string
-		l, rest, _ = cut(rest, "\r\n")
-		colon := indexByte(l, ':')
+		l, rest, _ = strings.Cut(rest, "\r\n")
+		colon := strings.IndexByte(l, ':')
 		if colon <= 0 || !isToken(l[:colon]) {
 			return nil, false
 		}

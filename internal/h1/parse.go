@@ -2,14 +2,9 @@ package h1
 
 import (
 	"net/textproto"
-	"strings"
 
 	"github.com/comfygate/comfygate/internal/httpsyntax"
 )
-
-func cut(s, sep string) (before, after string, found bool) { return strings.Cut(s, sep) }
-
-func indexByte(s string, c byte) int { return strings.IndexByte(s, c) }
 
 // cleanValue reports whether a header value is visible ASCII, spaces and
 // tabs only. obs-text (bytes from 0x80) is legal but rare: not served here.

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/comfygate/comfygate/internal/httpsyntax"
 )
 
 // response is the http.ResponseWriter of a request served here. The status
@@ -105,7 +107,7 @@ func (w *response) WriteHeader(code int) {
 			continue
 		case "Connection":
 			for _, v := range values {
-				if hasCloseToken(v) {
+				if httpsyntax.ListHas(v, "close") {
 					w.closeAfter = true
 				}
 			}
@@ -329,17 +331,6 @@ func appendValue(b []byte, v string) []byte {
 		b = append(b, c)
 	}
 	return b
-}
-
-func hasCloseToken(v string) bool {
-	for len(v) > 0 {
-		var tok string
-		tok, v, _ = cut(v, ",")
-		if equalFold(trimOWS(tok), "close") {
-			return true
-		}
-	}
-	return false
 }
 
 // httpDate is the Date header value, formatted once a second.

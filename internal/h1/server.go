@@ -131,13 +131,7 @@ func (s *Server) Serve(ln net.Listener) error {
 // Shutdown stops accepting, closes idle connections, waits for requests in
 // progress to end (or ctx), and shuts the fallback server down.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.init()
-	s.closing.Store(true)
-	s.mu.Lock()
-	for ln := range s.lns {
-		ln.Close()
-	}
-	s.mu.Unlock()
+	s.stopAccepting()
 	fbDone := make(chan error, 1)
 	go func() { fbDone <- s.Fallback.Shutdown(ctx) }()
 	tick := time.NewTicker(5 * time.Millisecond)
@@ -158,8 +152,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return <-fbDone
 }
 
-// Close closes every listener and connection at once.
-func (s *Server) Close() error {
+// stopAccepting marks the server closing and closes its listeners.
+func (s *Server) stopAccepting() {
 	s.init()
 	s.closing.Store(true)
 	s.mu.Lock()
@@ -167,6 +161,11 @@ func (s *Server) Close() error {
 		ln.Close()
 	}
 	s.mu.Unlock()
+}
+
+// Close closes every listener and connection at once.
+func (s *Server) Close() error {
+	s.stopAccepting()
 	s.closeAll()
 	s.handoff.Close()
 	return s.Fallback.Close()
@@ -294,8 +293,6 @@ func stack() string {
 	buf := make([]byte, 16<<10)
 	return string(buf[:runtime.Stack(buf, false)])
 }
-
-var _ io.Reader = (*prefixConn)(nil)
 
 // The read and write buffers of closed connections are reused by new ones.
 var (

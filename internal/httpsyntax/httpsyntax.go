@@ -4,6 +4,8 @@
 // exactly, so they live in one place.
 package httpsyntax
 
+import "strings"
+
 // IsToken reports whether s is a non-empty RFC 9110 token (a header name,
 // a method).
 func IsToken[T ~string | ~[]byte](s T) bool {
@@ -59,4 +61,17 @@ func EqualFold(a, b string) bool {
 		}
 	}
 	return true
+}
+
+// ListHas reports whether the comma-separated header list (a Connection or
+// TE value) names token, ignoring case and optional whitespace.
+func ListHas(list, token string) bool {
+	for list != "" {
+		var item string
+		item, list, _ = strings.Cut(list, ",")
+		if EqualFold(TrimOWS(item), token) {
+			return true
+		}
+	}
+	return false
 }

@@ -68,3 +68,23 @@ func TestEqualFold(t *testing.T) {
 		}
 	}
 }
+
+func TestListHas(t *testing.T) {
+	tests := []struct {
+		list, token string
+		want        bool
+	}{
+		{"close", "close", true},
+		{"keep-alive, Close", "close", true},
+		{" x-secret ,\tUpgrade ", "upgrade", true},
+		{"closed", "close", false},
+		{"", "close", false},
+		{",,", "close", false},
+		{"trailers", "trailers", true},
+	}
+	for _, tt := range tests {
+		if got := ListHas(tt.list, tt.token); got != tt.want {
+			t.Errorf("ListHas(%q, %q) = %v, want %v", tt.list, tt.token, got, tt.want)
+		}
+	}
+}

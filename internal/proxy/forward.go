@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/comfygate/comfygate/internal/auth"
@@ -213,7 +214,7 @@ func (p *Proxy) writeRequest(bw *bufio.Writer, r *http.Request, upgrade string) 
 			writeHeader(bw, name, v)
 		}
 	}
-	if te, ok := r.Header["Te"]; ok && hasToken(te, "trailers") {
+	if te, ok := r.Header["Te"]; ok && listedIn(te, "trailers") {
 		bw.WriteString("Te: trailers\r\n") // as ReverseProxy keeps it
 	}
 
@@ -327,29 +328,14 @@ func skipRequestHeader(name string) bool {
 	return false
 }
 
-// listedIn reports whether the Connection header values name the header.
-func listedIn(connection []string, name string) bool {
-	for _, v := range connection {
-		for len(v) > 0 {
-			var tok string
-			tok, v, _ = cutByte(v, ',')
-			if equalFoldTrim(tok, name) {
-				return true
-			}
+// listedIn reports whether header values (Connection, TE) name token.
+func listedIn(values []string, token string) bool {
+	for _, v := range values {
+		if httpsyntax.ListHas(v, token) {
+			return true
 		}
 	}
 	return false
-}
-
-func hasToken(values []string, token string) bool { return listedIn(values, token) }
-
-func cutByte(s string, c byte) (before, after string, found bool) {
-	for i := 0; i < len(s); i++ {
-		if s[i] == c {
-			return s[:i], s[i+1:], true
-		}
-	}
-	return s, "", false
 }
 
 // equalFoldTrim compares tok, without surrounding spaces and tabs, to name
@@ -477,7 +463,7 @@ func readResponseHead(br *bufio.Reader, h http.Header, method string, log []adde
 	for _, v := range connection {
 		for len(v) > 0 {
 			var tok string
-			tok, v, _ = cutByte(v, ',')
+			tok, v, _ = strings.Cut(v, ",")
 			switch {
 			case equalFoldTrim(tok, "close"):
 				res.keepAlive = false
