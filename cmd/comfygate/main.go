@@ -16,7 +16,6 @@ import (
 	"syscall"
 
 	"github.com/comfygate/comfygate/internal/config"
-	"github.com/comfygate/comfygate/internal/requestlog"
 	"github.com/comfygate/comfygate/internal/server"
 )
 
@@ -123,9 +122,7 @@ func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {
 	if cfg.LogFormat == "text" {
 		return slog.New(slog.NewTextHandler(w, opts))
 	}
-	// The same output as slog's JSONHandler; request lines are written
-	// without going through slog (see requestlog.NewJSONLogger).
-	return requestlog.NewJSONLogger(w, opts)
+	return slog.New(slog.NewJSONHandler(w, opts))
 }
 
 // Version is the build's version: the -X value, else the module version or

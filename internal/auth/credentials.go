@@ -135,12 +135,41 @@ func Strip(r *http.Request) {
 			delete(r.Header, "Cookie")
 		}
 	}
+	if values, ok := r.Header["Referer"]; ok {
+		// A page opened as /?token=KEY sends that URL as the Referer of
+		// everything it loads; ComfyUI would log it.
+		for i, v := range values {
+			values[i] = StripReferer(v)
+		}
+	}
 	if r.URL != nil {
 		r.URL.RawQuery = StripQuery(r.URL.RawQuery)
 		if r.URL.RawQuery == "" {
 			r.URL.ForceQuery = false
 		}
 	}
+}
+
+// StripReferer returns a Referer (or any URL) without the api_key and token
+// parameters in its query; the rest is kept as it was.
+func StripReferer(ref string) string {
+	base, rest, ok := strings.Cut(ref, "?")
+	if !ok {
+		return ref
+	}
+	query, frag, hasFrag := strings.Cut(rest, "#")
+	stripped := StripQuery(query)
+	if stripped == query {
+		return ref
+	}
+	out := base
+	if stripped != "" {
+		out += "?" + stripped
+	}
+	if hasFrag {
+		out += "#" + frag
+	}
+	return out
 }
 
 // IsCredentialHeader reports whether the canonical header name carries a

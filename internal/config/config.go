@@ -85,6 +85,19 @@ type Config struct {
 	// ShutdownTimeout bounds how long in-flight requests may finish after
 	// SIGINT or SIGTERM. Default 15s.
 	ShutdownTimeout time.Duration
+	// HeaderTimeout bounds reading a request's headers. Default 10s.
+	HeaderTimeout time.Duration
+	// BodyTimeout is how long a request body may go without a byte arriving
+	// (a client that sends headers and then nothing). Default 30s.
+	BodyTimeout time.Duration
+	// IdleTimeout is how long an idle keep-alive client connection is kept.
+	// Default 2m.
+	IdleTimeout time.Duration
+	// CORSOrigin, as ComfyUI's --enable-cors-header: the origin allowed to
+	// make cross-site requests ("*" for any), or "" for none. comfygate
+	// answers preflights for protected routes itself with it, and adds the
+	// CORS headers to answers that lack them.
+	CORSOrigin string
 	// LogFormat is "json" (default) or "text"; LogLevel is debug, info, warn or error.
 	LogFormat, LogLevel string
 	// CheckConfig means: validate, report and exit.
@@ -111,6 +124,9 @@ type raw struct {
 	maxUploadMB                          float64
 	healthTimeout, upstreamTimeout       time.Duration
 	shutdownTimeout                      time.Duration
+	headerTimeout, bodyTimeout           time.Duration
+	idleTimeout                          time.Duration
+	corsOrigin                           string
 	protectWS, checkConfig, version      bool
 	logFormat, logLevel                  string
 	trustedProxies                       []string
@@ -151,6 +167,11 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.DurationVar(&r.healthTimeout, "health-timeout", 3*time.Second, "how long /health waits for ComfyUI")
 	fs.DurationVar(&r.upstreamTimeout, "upstream-timeout", 5*time.Minute, "how long to wait for ComfyUI's response headers (0: no limit)")
 	fs.DurationVar(&r.shutdownTimeout, "shutdown-timeout", 15*time.Second, "how long in-flight requests may finish on SIGINT/SIGTERM")
+	fs.DurationVar(&r.headerTimeout, "header-timeout", 10*time.Second, "how long a client may take to send a request's headers")
+	fs.DurationVar(&r.bodyTimeout, "body-timeout", 30*time.Second, "how long a request body may go without a byte arriving")
+	fs.DurationVar(&r.idleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive client connection is kept")
+	fs.StringVar(&r.corsOrigin, "enable-cors-header", "", "allow cross-site requests from this origin, as ComfyUI's flag of the same name (bare flag: *)")
+	fs.Lookup("enable-cors-header").NoOptDefVal = "*"
 	fs.StringVar(&r.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&r.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&r.checkConfig, "check-config", false, "validate the configuration and key file, then exit")
@@ -233,6 +254,10 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		HealthTimeout:   r.healthTimeout,
 		UpstreamTimeout: r.upstreamTimeout,
 		ShutdownTimeout: r.shutdownTimeout,
+		HeaderTimeout:   r.headerTimeout,
+		BodyTimeout:     r.bodyTimeout,
+		IdleTimeout:     r.idleTimeout,
+		CORSOrigin:      strings.TrimSpace(r.corsOrigin),
 		LogFormat:       r.logFormat,
 		LogLevel:        r.logLevel,
 		CheckConfig:     r.checkConfig,
@@ -345,6 +370,21 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 	}
 	if r.shutdownTimeout <= 0 {
 		add("shutdown-timeout", "must be positive, got %s", r.shutdownTimeout)
+	}
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+	}{{"header-timeout", r.headerTimeout}, {"body-timeout", r.bodyTimeout}, {"idle-timeout", r.idleTimeout}} {
+		if d.v <= 0 {
+			add(d.flag, "must be positive, got %s", d.v)
+		}
+	}
+	if o := strings.TrimSpace(r.corsOrigin); o != "" && o != "*" {
+		if u, err := url.Parse(o); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+			add("enable-cors-header", "want an origin such as https://app.example.com, or * for any; got %q", o)
+		} else {
+			c.CORSOrigin = u.Scheme + "://" + u.Host
+		}
 	}
 	if r.logFormat != "json" && r.logFormat != "text" {
 		add("log-format", "must be json or text, got %q", r.logFormat)

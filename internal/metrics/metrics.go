@@ -65,7 +65,7 @@ func New(version string, src Sources) *Metrics {
 	m.requests = f.counterVec("http_requests_total", "Requests answered, by route pattern, method and status code.", "route", "method", "code")
 	m.requestDuration = f.histogramVec("http_request_duration_seconds", "Time to answer a request through the gateway, by route pattern (WebSockets are not timed here).", "route")
 	m.upstreamDuration = f.histogramVec("upstream_request_duration_seconds", "Time until ComfyUI's response headers, by route pattern.", "route")
-	m.upstreamErrors = f.counterVec("upstream_errors_total", "Requests that got no answer from ComfyUI, by reason (unreachable, timeout, canceled).", "reason")
+	m.upstreamErrors = f.counterVec("upstream_errors_total", "Requests that got no answer from ComfyUI, by reason (unreachable, timeout, broken, no_upstream).", "reason")
 	m.authFailures = f.counterVec("auth_failures_total", "Requests refused by the gateway, by reason (missing, invalid, scope, locked_out, rate_limited, cross_site).", "reason")
 	m.keyRequests = f.counterVec("key_requests_total", "Requests made with each API key, by key name.", "key")
 	m.keyPrompts = f.counterVec("key_prompts_total", "Prompts queued (POST /prompt answered 200) with each API key, by key name.", "key")
@@ -227,13 +227,7 @@ func (c wsBytesCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // ObserveExchange records one exchange with ComfyUI (proxy.Options.Observe):
-// d is the time to its response headers, or err what ended it before them.
-func (m *Metrics) ObserveExchange(r *http.Request, d time.Duration, err error) {
-	if err != nil {
-		if reason := upstreamReason(r, err); reason != "" {
-			m.ObserveUpstream(r.URL.Path, 0, reason)
-		}
-		return
-	}
-	m.ObserveUpstream(r.URL.Path, d, "")
+// d is the time to its response headers, or reason why there was none.
+func (m *Metrics) ObserveExchange(r *http.Request, d time.Duration, reason string) {
+	m.ObserveUpstream(r.URL.Path, d, reason)
 }

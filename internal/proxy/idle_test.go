@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"runtime"
 	"sync"
 	"testing"
@@ -50,8 +49,7 @@ func BenchmarkIdleWebSocketMemory(b *testing.B) {
 			}()
 		}
 	}()
-	target, _ := url.Parse("http://" + up.Addr().String())
-	p := New(target, Options{})
+	p := New(poolOf(b, "http://"+up.Addr().String()), Options{})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)

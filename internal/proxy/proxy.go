@@ -1,48 +1,52 @@
 // Package proxy forwards requests to ComfyUI: plain HTTP, streamed bodies and
 // WebSocket upgrades, with credentials removed on the way out and a registry
 // of upgraded connections so that shutdown can close them cleanly.
+//
+// A request takes one road: pick a server from the upstream pool, build the
+// request ComfyUI receives (outbound, the one place that decides what that
+// request holds), make one round trip through the server's http.Transport,
+// and copy the answer to the client (httputil.ReverseProxy, or the upgrade
+// path in upgrade.go for WebSockets). When no answer comes, fail says whose
+// fault it was: the client's (400, 408, 413, or nothing at all for a client
+// that left) or ComfyUI's (502, 503, 504).
 package proxy
 
 import (
 	"context"
 	"errors"
+	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httputil"
-	"net/url"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/upstream"
 )
 
 // Options configure a Proxy. The zero value works: no body limit, no
-// credential stripping, the default timeouts.
+// credential stripping.
 type Options struct {
-	// StripCredentials removes the Authorization and X-API-Key headers and
-	// the api_key and token query parameters from every outbound request.
-	// Set it whenever keys are configured.
+	// StripCredentials removes the Authorization and X-API-Key headers, the
+	// session cookie and the api_key and token query parameters (also from
+	// the Referer) from every outbound request. Set it whenever keys are
+	// configured.
 	StripCredentials bool
 	// MaxBodyBytes caps request bodies; larger ones get 413. 0 means no cap.
 	MaxBodyBytes int64
-	// DialTimeout bounds connecting to ComfyUI. Default 5s.
-	DialTimeout time.Duration
-	// ResponseHeaderTimeout bounds the wait for ComfyUI's response headers
-	// once the request is sent; 0 means no limit. Bodies and WebSockets are
-	// never timed out: a download or a generation may take very long.
-	ResponseHeaderTimeout time.Duration
-	// Transport overrides the way to ComfyUI (tests): every request then
-	// goes through it and httputil.ReverseProxy. Nil means comfygate's own
-	// connection pool for plain requests to an http:// ComfyUI (forward.go)
-	// and a tuned clone of http.DefaultTransport for upgrades and https.
-	Transport http.RoundTripper
+	// CORSOrigin, if not empty, is added as Access-Control-Allow-Origin (with
+	// ComfyUI's other CORS headers) to answers that have none, as ComfyUI's
+	// --enable-cors-header does.
+	CORSOrigin string
 	// Observe, if set, is told of every exchange with ComfyUI: the time to
-	// its response headers, or the error that ended it before them.
-	Observe func(r *http.Request, d time.Duration, err error)
+	// its response headers, or why there was no answer (reason is one of
+	// the Reason* constants; "" for an answer).
+	Observe func(r *http.Request, d time.Duration, reason string)
 	// TrustForwarded reports whether a request came from a trusted proxy,
 	// whose X-Forwarded-For, -Proto and -Host are then passed on (with the
 	// proxy's address added) instead of replaced. Nil trusts nobody.
@@ -51,183 +55,229 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// Proxy is an http.Handler that forwards to one ComfyUI server.
+// Why an exchange with ComfyUI got no answer, as told to Options.Observe.
+// Only these count against ComfyUI; a client's bad body or departure does
+// not.
+const (
+	// ReasonUnreachable: no connection could be made (nothing was sent).
+	ReasonUnreachable = "unreachable"
+	// ReasonTimeout: ComfyUI did not answer within --upstream-timeout.
+	ReasonTimeout = "timeout"
+	// ReasonBroken: the connection failed after the request was sent and
+	// before the answer's headers (ComfyUI restarted, or answered with
+	// something that is not HTTP).
+	ReasonBroken = "broken"
+	// ReasonNoUpstream: no server could take the request.
+	ReasonNoUpstream = "no_upstream"
+)
+
+// Proxy is an http.Handler that forwards to the servers of an upstream
+// pool.
 type Proxy struct {
-	target    *url.URL
-	opts      Options
-	log       *slog.Logger
-	rp        *httputil.ReverseProxy
-	transport http.RoundTripper
-	streams   streams
-	// pool carries plain requests when it is not nil (forward.go); basePath
-	// is the target's path, prefixed to every forwarded path.
-	pool     *connPool
-	basePath string
+	pool    *upstream.Pool
+	opts    Options
+	log     *slog.Logger
+	errLog  *log.Logger // ReverseProxy's own complaints, at level WARN
+	streams streams
 }
 
-// New returns a Proxy for target, a ComfyUI base URL such as
-// http://127.0.0.1:8189.
-func New(target *url.URL, opts Options) *Proxy {
-	if opts.DialTimeout == 0 {
-		opts.DialTimeout = 5 * time.Second
-	}
-	p := &Proxy{target: target, opts: opts, log: opts.Logger}
+// New returns a Proxy to the servers in pool.
+func New(pool *upstream.Pool, opts Options) *Proxy {
+	p := &Proxy{pool: pool, opts: opts, log: opts.Logger}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
-	transport := opts.Transport
-	if transport == nil {
-		transport = NewTransport(opts.DialTimeout, opts.ResponseHeaderTimeout)
-		if target.Scheme == "http" {
-			p.pool = newConnPool(hostPort(target), opts.DialTimeout, maxIdlePerHost)
-			p.basePath = strings.TrimSuffix(target.EscapedPath(), "/")
-		}
-	}
-	if opts.Observe != nil {
-		transport = observed{transport, opts.Observe}
-	}
-	p.transport = transport
-	p.rp = &httputil.ReverseProxy{
-		Rewrite:      p.rewrite,
-		Transport:    transport,
-		BufferPool:   bufferPool{},
-		ErrorHandler: p.errorHandler,
-		ErrorLog:     slog.NewLogLogger(p.log.Handler(), slog.LevelWarn),
-	}
+	p.errLog = slog.NewLogLogger(p.log.Handler(), slog.LevelWarn)
 	return p
-}
-
-// maxIdlePerHost is how many idle connections to ComfyUI are kept.
-const maxIdlePerHost = 256
-
-// hostPort is the dial address of an http:// or https:// URL.
-func hostPort(u *url.URL) string {
-	if port := u.Port(); port != "" {
-		return net.JoinHostPort(u.Hostname(), port)
-	}
-	if u.Scheme == "https" {
-		return net.JoinHostPort(u.Hostname(), "443")
-	}
-	return net.JoinHostPort(u.Hostname(), "80")
-}
-
-// observed reports each round trip to Options.Observe.
-type observed struct {
-	base    http.RoundTripper
-	observe func(*http.Request, time.Duration, error)
-}
-
-func (o observed) RoundTrip(r *http.Request) (*http.Response, error) {
-	start := time.Now()
-	res, err := o.base.RoundTrip(r)
-	if err != nil {
-		o.observe(r, 0, err)
-		return nil, err
-	}
-	o.observe(r, time.Since(start), nil)
-	return res, nil
-}
-
-// Close closes the idle connections to ComfyUI.
-func (p *Proxy) Close() {
-	if p.pool != nil {
-		p.pool.closeIdle()
-	}
-	if t, ok := p.opts.Transport.(interface{ CloseIdleConnections() }); ok {
-		t.CloseIdleConnections()
-	}
-}
-
-// NewTransport returns the transport used to reach ComfyUI: a clone of
-// http.DefaultTransport with a connection pool sized for a proxy, and
-// without transparent compression, so bodies pass through exactly as sent.
-func NewTransport(dialTimeout, responseHeaderTimeout time.Duration) *http.Transport {
-	t := http.DefaultTransport.(*http.Transport).Clone()
-	// ComfyUI is reached directly: HTTP_PROXY and friends are for the
-	// gateway's own outbound traffic, and the health check ignores them too.
-	t.Proxy = nil
-	t.DialContext = (&net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}).DialContext
-	t.MaxIdleConns = 512
-	t.MaxIdleConnsPerHost = maxIdlePerHost
-	t.IdleConnTimeout = 90 * time.Second
-	t.ResponseHeaderTimeout = responseHeaderTimeout
-	t.DisableCompression = true
-	t.ForceAttemptHTTP2 = false // ComfyUI (aiohttp) speaks HTTP/1.1
-	return t
 }
 
 // ServeHTTP forwards r to ComfyUI.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if max := p.opts.MaxBodyBytes; max > 0 && r.Body != nil && r.Body != http.NoBody {
-		if r.ContentLength > max {
-			tooLarge(w, max)
+	// The request passed every check and its body will be read: the
+	// connection may be kept (see server's guard).
+	w.Header().Del("Connection")
+	var body *clientBody
+	if r.Body != nil && r.Body != http.NoBody {
+		if max := p.opts.MaxBodyBytes; max > 0 && r.ContentLength > max {
+			p.fail(w, r, "", 0, &http.MaxBytesError{Limit: max})
 			return
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, max)
+		body = &clientBody{ReadCloser: r.Body}
+		if max := p.opts.MaxBodyBytes; max > 0 {
+			body.ReadCloser = http.MaxBytesReader(w, r.Body, max)
+		}
+		r.Body = body
 	}
+	u, err := p.pool.Pick()
+	if err != nil {
+		p.fail(w, r, "", 0, err)
+		return
+	}
+	requestlog.ScopeFrom(r.Context()).Upstream = u.Name
 	if up := upgradeType(r.Header); up != "" {
-		p.serveUpgrade(w, r, up)
+		p.serveUpgrade(w, r, u, up)
 		return
 	}
-	if p.forwardable(r) {
-		p.forward(w, r)
-		return
+	x := &exchange{p: p, u: u, body: body}
+	rp := &httputil.ReverseProxy{
+		Rewrite:        func(pr *httputil.ProxyRequest) { p.outbound(pr.Out, pr.In, u) },
+		Transport:      x,
+		BufferPool:     bufferPool{},
+		ModifyResponse: p.modifyResponse,
+		ErrorHandler:   x.errorHandler,
+		ErrorLog:       p.errLog,
 	}
-	p.rp.ServeHTTP(w, r)
+	rp.ServeHTTP(w, r)
 }
 
-// keyID is the key that authenticated r (zero: none).
-func (p *Proxy) keyID(r *http.Request) [32]byte { return requestlog.ScopeFrom(r.Context()).KeyID }
-
-// rewrite builds the outbound request. The inbound Host is kept, so ComfyUI's
-// own Host/Origin check sees exactly what the browser sent: a browser on
-// http://127.0.0.1:8188 keeps passing it, and a foreign page is still refused.
-// Rewriting Host to the upstream address would make every same-origin browser
-// POST and WebSocket look cross-origin to ComfyUI.
-func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
-	pr.SetURL(p.target)
+// outbound makes out, a copy of in without hop-by-hop and forwarding
+// headers, into the request ComfyUI server u receives. It is the one place
+// that decides what ComfyUI sees, for plain requests (through
+// ReverseProxy's Rewrite) and upgrades alike.
+//
+// The inbound Host is kept, so ComfyUI's own Host/Origin check sees exactly
+// what the browser sent: a browser on http://127.0.0.1:8188 keeps passing
+// it, and a foreign page is still refused. Rewriting Host to the upstream
+// address would make every same-origin browser POST and WebSocket look
+// cross-origin to ComfyUI.
+func (p *Proxy) outbound(out, in *http.Request, u *upstream.Upstream) {
+	(&httputil.ProxyRequest{In: in, Out: out}).SetURL(u.URL)
 	// The query goes on as sent. ReverseProxy re-encodes queries that Go's
 	// parser dislikes and drops pairs with ';' in them, which breaks
 	// ComfyUI's /view?preview=webp;90; aiohttp splits only on '&', as
 	// auth.Strip does.
-	pr.Out.URL.RawQuery = pr.In.URL.RawQuery
-	pr.Out.Host = pr.In.Host
-	// The inbound Forwarded and X-Forwarded-* headers are already gone
-	// (ReverseProxy removes them before Rewrite); set fresh ones.
-	if p.opts.TrustForwarded != nil && p.opts.TrustForwarded(pr.In) {
+	out.URL.RawQuery = in.URL.RawQuery
+	out.Host = in.Host
+	pr := &httputil.ProxyRequest{In: in, Out: out}
+	if p.opts.TrustForwarded != nil && p.opts.TrustForwarded(in) {
 		// A trusted proxy in front: keep the chain it reports and add to it.
-		pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
+		out.Header["X-Forwarded-For"] = in.Header["X-Forwarded-For"]
 		pr.SetXForwarded()
 		for _, h := range []string{"X-Forwarded-Proto", "X-Forwarded-Host"} {
-			if v := pr.In.Header.Get(h); v != "" {
-				pr.Out.Header.Set(h, v)
+			if v := in.Header.Get(h); v != "" {
+				out.Header.Set(h, v)
 			}
 		}
 	} else {
 		pr.SetXForwarded()
 	}
-	delete(pr.Out.Header, "X-Real-Ip")
+	delete(out.Header, "X-Real-Ip")
 	if p.opts.StripCredentials {
-		auth.Strip(pr.Out)
+		auth.Strip(out)
 	}
 }
 
-// errorHandler answers when ComfyUI could not be reached or the exchange
-// failed before a response began.
-func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
-	var maxErr *http.MaxBytesError
+// modifyResponse adds the CORS headers comfygate was asked for to an answer
+// that has none of its own.
+func (p *Proxy) modifyResponse(res *http.Response) error {
+	if o := p.opts.CORSOrigin; o != "" && res.Header.Get("Access-Control-Allow-Origin") == "" {
+		SetCORS(res.Header, o)
+	}
+	return nil
+}
+
+// SetCORS sets the CORS headers ComfyUI's --enable-cors-header sends, for
+// origin.
+func SetCORS(h http.Header, origin string) {
+	h.Set("Access-Control-Allow-Origin", origin)
+	h.Set("Access-Control-Allow-Methods", "POST, GET, DELETE, PUT, OPTIONS, PATCH")
+	h.Set("Access-Control-Allow-Headers", "Content-Type, Authorization, X-API-Key")
+	h.Set("Access-Control-Allow-Credentials", "true")
+	if origin != "*" {
+		h.Add("Vary", "Origin")
+	}
+}
+
+// exchange is one request's round trip to server u.
+type exchange struct {
+	p    *Proxy
+	u    *upstream.Upstream
+	body *clientBody // nil without a body
+}
+
+// RoundTrip sends out to the server and reports the time to its headers.
+func (x *exchange) RoundTrip(out *http.Request) (*http.Response, error) {
+	start := time.Now()
+	res, err := x.u.RoundTrip(out)
+	if err == nil && x.p.opts.Observe != nil {
+		x.p.opts.Observe(out, time.Since(start), "")
+	}
+	return res, err
+}
+
+func (x *exchange) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	x.p.fail(w, r, x.u.Name, 0, x.blame(err))
+}
+
+// blame puts the client's own failure first: when reading the client's
+// body failed, that, not what the Transport made of it, is the error.
+func (x *exchange) blame(err error) error {
+	if x.body != nil && x.body.err != nil {
+		return &ClientBodyError{Err: x.body.err}
+	}
+	return err
+}
+
+// ClientBodyError is a failure to read the client's request body: cut
+// short, malformed chunked framing, too large, or too slow. It is the
+// client's fault, never ComfyUI's.
+type ClientBodyError struct{ Err error }
+
+func (e *ClientBodyError) Error() string { return "reading the request body: " + e.Err.Error() }
+
+func (e *ClientBodyError) Unwrap() error { return e.Err }
+
+// fail answers a request that got no answer from ComfyUI, with a status that
+// says whose fault it was, and tells Observe when it was ComfyUI's. A client
+// that has gone away gets nothing: the handler is aborted, and the request
+// log records it as canceled.
+func (p *Proxy) fail(w http.ResponseWriter, r *http.Request, server string, d time.Duration, err error) {
+	var (
+		maxErr  *http.MaxBytesError
+		bodyErr *ClientBodyError
+	)
+	reason := ""
 	switch {
 	case errors.As(err, &maxErr):
-		tooLarge(w, maxErr.Limit)
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
-		// The client went away; nobody is listening. Record 499 as nginx does.
-		w.WriteHeader(499)
+		w.Header().Set("Connection", "close")
+		jsonerr.Write(w, http.StatusRequestEntityTooLarge, "request_too_large",
+			"the request body is larger than the gateway allows (--max-upload-size)")
+	case r.Context().Err() != nil:
+		// The client went away. Nothing may be sent: net/http would
+		// otherwise answer a half-closed client with an invented 200.
+		requestlog.ScopeFrom(r.Context()).Canceled = true
+		panic(http.ErrAbortHandler)
+	case errors.As(err, &bodyErr):
+		w.Header().Set("Connection", "close")
+		if isTimeout(bodyErr.Err) {
+			p.log.Info("request body timed out", "method", r.Method, "path", r.URL.Path, "err", bodyErr.Err)
+			jsonerr.Write(w, http.StatusRequestTimeout, "request_timeout",
+				"the request body did not arrive in time")
+			return
+		}
+		p.log.Info("bad request body", "method", r.Method, "path", r.URL.Path, "err", bodyErr.Err)
+		jsonerr.Write(w, http.StatusBadRequest, "bad_request",
+			"the request body could not be read: it was cut short or its chunked encoding is malformed")
+	case errors.Is(err, upstream.ErrNoUpstream):
+		reason = ReasonNoUpstream
+		p.log.Warn("no upstream available", "method", r.Method, "path", r.URL.Path)
+		jsonerr.Write(w, http.StatusServiceUnavailable, "no_upstream", "no ComfyUI server is available")
 	case isTimeout(err):
-		p.log.Warn("upstream timeout", "method", r.Method, "path", r.URL.Path, "err", err)
+		reason = ReasonTimeout
+		p.log.Warn("upstream timeout", "upstream", server, "method", r.Method, "path", r.URL.Path, "err", err)
 		jsonerr.Write(w, http.StatusGatewayTimeout, "upstream_timeout", "ComfyUI did not answer in time")
-	default:
-		p.log.Warn("upstream error", "method", r.Method, "path", r.URL.Path, "err", err)
+	case upstream.IsDialError(err):
+		reason = ReasonUnreachable
+		p.log.Warn("upstream unreachable", "upstream", server, "method", r.Method, "path", r.URL.Path, "err", err)
 		jsonerr.Write(w, http.StatusBadGateway, "upstream_unavailable", "ComfyUI is not reachable")
+	default:
+		reason = ReasonBroken
+		p.log.Warn("upstream connection failed", "upstream", server, "method", r.Method, "path", r.URL.Path, "err", err)
+		jsonerr.Write(w, http.StatusBadGateway, "upstream_unavailable",
+			"the connection to ComfyUI failed before it answered (ComfyUI may have restarted); the request was not sent again")
+	}
+	if reason != "" && p.opts.Observe != nil {
+		p.opts.Observe(r, d, reason)
 	}
 }
 
@@ -236,11 +286,26 @@ func isTimeout(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
-func tooLarge(w http.ResponseWriter, max int64) {
-	w.Header().Set("Connection", "close")
-	jsonerr.Write(w, http.StatusRequestEntityTooLarge, "request_too_large",
-		"the request body is larger than the gateway allows (--max-upload-size)")
+// clientBody remembers the first error reading the client's body returned,
+// so that a failed exchange can be blamed on the right side.
+type clientBody struct {
+	io.ReadCloser
+	err error
 }
+
+func (b *clientBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF && b.err == nil {
+		b.err = err
+	}
+	return n, err
+}
+
+// keyID is the key that authenticated r (zero: none).
+func keyID(r *http.Request) [32]byte { return requestlog.ScopeFrom(r.Context()).KeyID }
+
+// Close closes the idle connections to ComfyUI.
+func (p *Proxy) Close() { p.pool.CloseIdleConnections() }
 
 // CloseStreams ends every proxied WebSocket: each client gets a close frame
 // with code 1001 (going away) and both connections are closed. It returns

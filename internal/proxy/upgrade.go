@@ -4,14 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"net/http/httputil"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
+	"github.com/comfygate/comfygate/internal/upstream"
 )
 
 // WebSockets (and any other HTTP/1.1 upgrade) take this path rather than
@@ -67,14 +65,13 @@ func isPrint(s string) bool {
 	return true
 }
 
-// serveUpgrade proxies a request that asks to switch protocols (upType).
-// The outbound request is prepared as ReverseProxy prepares it: hop-by-hop
-// headers removed and Connection/Upgrade set again, inbound forwarding
-// headers dropped, then the same rewrite (target, X-Forwarded-*, credential
-// stripping).
-func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType string) {
+// serveUpgrade proxies a request that asks to switch protocols (upType) to
+// server u. The handshake goes through u's Transport like any request; once
+// the 101 is passed on, two goroutines copy the bytes (pump) and the
+// handler returns.
+func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, u *upstream.Upstream, upType string) {
 	if !isPrint(upType) {
-		p.errorHandler(w, r, fmt.Errorf("client tried to switch to invalid protocol %q", upType))
+		jsonerr.Write(w, http.StatusBadRequest, "bad_request", "the Upgrade header is not valid")
 		return
 	}
 	// A handshake has no body. One that claims a body would leave the
@@ -84,15 +81,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		jsonerr.Write(w, http.StatusBadRequest, "bad_request", "a protocol upgrade request must not have a body")
 		return
 	}
-	var (
-		backConn  io.ReadWriteCloser
-		resHeader http.Header
-	)
-	if p.pool != nil {
-		backConn, resHeader = p.dialUpgrade(w, r, upType)
-	} else {
-		backConn, resHeader = p.transportUpgrade(w, r, upType)
-	}
+	backConn, resHeader := p.handshake(w, r, u, upType)
 	if backConn == nil {
 		return // answered already
 	}
@@ -100,7 +89,8 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 	conn, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		backConn.Close()
-		p.errorHandler(w, r, fmt.Errorf("hijack failed on protocol switch: %w", err))
+		p.log.Warn("cannot take over the connection for a protocol switch", "err", err)
+		jsonerr.Write(w, http.StatusInternalServerError, "internal_error", "the gateway could not switch protocols")
 		return
 	}
 	res := &http.Response{StatusCode: http.StatusSwitchingProtocols, ProtoMajor: 1, ProtoMinor: 1, Header: w.Header()}
@@ -114,17 +104,6 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		backConn.Close()
 		return
 	}
-	// Bytes ComfyUI sent right behind its 101 (its first messages) are in
-	// our reader; they go to the client before anything else.
-	if up, ok := backConn.(*upgradedConn); ok && len(up.early) > 0 {
-		if _, err := conn.Write(up.early); err != nil {
-			conn.Close()
-			backConn.Close()
-			return
-		}
-		p.streams.out.Add(int64(len(up.early)))
-		up.early = nil
-	}
 	// Bytes the client sent right behind its request are in the server's
 	// reader; pass them on, then let the reader and writer go.
 	var early []byte
@@ -133,7 +112,7 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 		early = append([]byte(nil), early...)
 	}
 
-	c := &streamConn{Conn: conn, s: &p.streams, keyID: p.keyID(r), done: make(chan struct{})}
+	c := &streamConn{Conn: conn, s: &p.streams, keyID: keyID(r), done: make(chan struct{})}
 	c.started.Store(true) // the 101 is out: a close frame may follow it
 	p.streams.add(c)
 	var once sync.Once
@@ -159,81 +138,12 @@ func (p *Proxy) serveUpgrade(w http.ResponseWriter, r *http.Request, upType stri
 	}()
 }
 
-// dialUpgrade does the handshake on a new connection to ComfyUI (never a
-// pooled one: it will not come back). It returns the connection and the
-// 101's headers, or nil after answering w itself.
-func (p *Proxy) dialUpgrade(w http.ResponseWriter, r *http.Request, upType string) (io.ReadWriteCloser, http.Header) {
-	start := time.Now()
-	uc, _, err := p.pool.dial(r.Context())
-	if err != nil {
-		p.observe(r, 0, err)
-		p.errorHandler(w, r, err)
-		return nil, nil
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			uc.close()
-		}
-	}()
-	if err := p.writeRequest(uc.bw, r, upType); err != nil {
-		p.observe(r, 0, err)
-		p.errorHandler(w, r, err)
-		return nil, nil
-	}
-	if t := p.opts.ResponseHeaderTimeout; t > 0 {
-		uc.tcp.SetReadDeadline(time.Now().Add(t))
-	}
-	h := make(http.Header)
-	res, _, err := readResponseHead(uc.br, h, r.Method, nil, true)
-	if err == nil && res.status == http.StatusSwitchingProtocols {
-		if got := h.Get("Upgrade"); !strings.EqualFold(got, upType) {
-			err = fmt.Errorf("backend tried to switch protocol %q when %q was requested", got, upType)
-		}
-	}
-	if err != nil {
-		p.observe(r, 0, err)
-		p.errorHandler(w, r, err)
-		return nil, nil
-	}
-	uc.tcp.SetReadDeadline(time.Time{})
-	p.observe(r, time.Since(start), nil)
-	if res.status != http.StatusSwitchingProtocols {
-		// Refused (a bad origin, an unknown path): pass the answer on.
-		copyHeader(w.Header(), h)
-		w.WriteHeader(res.status)
-		switch {
-		case res.chunked:
-			copyChunked(w, uc.br)
-		case res.length > 0:
-			copyLength(w, uc, res.length)
-		case res.length < 0:
-			copyFlushing(w, uc.br)
-		}
-		return nil, nil
-	}
-	h.Set("Connection", "Upgrade")
-	up := &upgradedConn{TCPConn: uc.tcp}
-	if n := uc.br.Buffered(); n > 0 {
-		b, _ := uc.br.Peek(n)
-		up.early = append([]byte(nil), b...)
-	}
-	uc.release()
-	ok = true
-	return up, h
-}
-
-// upgradedConn is the ComfyUI side of an upgraded connection, without the
-// handshake's buffers. early holds what ComfyUI sent right behind its 101.
-type upgradedConn struct {
-	*net.TCPConn
-	early []byte
-}
-
-// transportUpgrade does the handshake through p.transport (an https
-// ComfyUI, or a transport given in Options). It returns the upstream
-// connection and the 101's headers, or nil after answering w itself.
-func (p *Proxy) transportUpgrade(w http.ResponseWriter, r *http.Request, upType string) (io.ReadWriteCloser, http.Header) {
+// handshake sends the upgrade request to u (on a connection of its own:
+// the Transport never pools a connection that switched protocols). It
+// returns that connection and the 101's headers, or nil after answering w
+// itself: with ComfyUI's refusal (a bad origin, an unknown path) or with
+// the gateway's error.
+func (p *Proxy) handshake(w http.ResponseWriter, r *http.Request, u *upstream.Upstream, upType string) (io.ReadWriteCloser, http.Header) {
 	out := r.Clone(r.Context())
 	out.Body = nil
 	out.Close = false
@@ -243,18 +153,19 @@ func (p *Proxy) transportUpgrade(w http.ResponseWriter, r *http.Request, upType 
 	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
 		delete(out.Header, h)
 	}
-	p.rewrite(&httputil.ProxyRequest{In: r, Out: out})
+	p.outbound(out, r, u)
 	if _, ok := out.Header["User-Agent"]; !ok {
 		out.Header.Set("User-Agent", "") // not Go's default
 	}
 
-	res, err := p.transport.RoundTrip(out)
+	x := &exchange{p: p, u: u}
+	res, err := x.RoundTrip(out)
 	if err != nil {
-		p.errorHandler(w, r, err)
+		x.errorHandler(w, r, err)
 		return nil, nil
 	}
 	if res.StatusCode != http.StatusSwitchingProtocols {
-		// Refused (a bad origin, an unknown path): pass the answer on.
+		// Refused: pass the answer on.
 		defer res.Body.Close()
 		removeHopByHop(res.Header)
 		copyHeader(w.Header(), res.Header)
@@ -270,16 +181,18 @@ func (p *Proxy) transportUpgrade(w http.ResponseWriter, r *http.Request, upType 
 	case !ok:
 		err = errors.New("internal error: 101 switching protocols response with non-writable body")
 	case !isPrint(resType):
-		err = fmt.Errorf("backend tried to switch to invalid protocol %q", resType)
+		err = fmt.Errorf("ComfyUI tried to switch to invalid protocol %q", resType)
 	case !strings.EqualFold(resType, upType):
-		err = fmt.Errorf("backend tried to switch protocol %q when %q was requested", resType, upType)
+		err = fmt.Errorf("ComfyUI tried to switch protocol %q when %q was requested", resType, upType)
 	}
 	if err != nil {
 		res.Body.Close()
-		p.errorHandler(w, r, err)
+		x.errorHandler(w, r, err)
 		return nil, nil
 	}
-
+	removeHopByHop(res.Header)
+	res.Header.Set("Connection", "Upgrade")
+	res.Header.Set("Upgrade", resType)
 	return backConn, res.Header
 }
 

@@ -31,6 +31,12 @@ type Scope struct {
 	// AuthFailure says why the gateway refused the request (missing,
 	// invalid, scope, locked_out, rate_limited, cross_site), or "".
 	AuthFailure string
+	// Upstream names the ComfyUI server the request was sent to ("" if
+	// none).
+	Upstream string
+	// Canceled says the client went away before it was answered; nothing
+	// was sent to it. The line records status 499, nginx's convention.
+	Canceled bool
 }
 
 type scopeKey struct{}
@@ -43,6 +49,10 @@ func ScopeFrom(ctx context.Context) *Scope {
 	}
 	return &Scope{}
 }
+
+// StatusClientClosed is the status recorded, never sent, for a request whose
+// client went away before it was answered (nginx's 499).
+const StatusClientClosed = 499
 
 // Redactor rewrites a raw query string for logging, hiding credentials.
 type Redactor func(rawQuery string) string
@@ -119,10 +129,13 @@ type entry struct {
 	once    sync.Once
 }
 
-// handlerDone runs when the handler returns (or panics).
+// handlerDone runs when the handler returns (or panics). A handler aborted
+// because its client left (see Scope.Canceled) is no failure of the
+// gateway's, and is logged as an ordinary line.
 func (e *entry) handlerDone(ctx context.Context) {
 	if p := recover(); p != nil {
-		e.once.Do(func() { e.finish(ctx, true) })
+		aborted := !(p == http.ErrAbortHandler && e.scope.Canceled)
+		e.once.Do(func() { e.finish(ctx, aborted) })
 		panic(p)
 	}
 	e.release(ctx)
@@ -138,7 +151,10 @@ func (e *entry) release(ctx context.Context) {
 func (e *entry) finish(ctx context.Context, aborted bool) {
 	now := time.Now()
 	status := e.rec.status
-	if status == 0 {
+	switch {
+	case e.scope.Canceled && status == 0:
+		status = StatusClientClosed
+	case status == 0:
 		status = http.StatusOK
 	}
 	elapsed := now.Sub(e.start)
@@ -153,34 +169,38 @@ func (e *entry) finish(ctx context.Context, aborted bool) {
 	if aborted {
 		level = slog.LevelWarn
 	}
-	h, fast := e.logger.Handler().(*jsonHandler)
-	if fast && !h.Enabled(ctx, level) {
-		return // as LogAttrs would, but before redacting the query
+	if !e.logger.Enabled(ctx, level) {
+		return // before redacting the query
 	}
-	l := line{
-		method:      e.method,
-		path:        e.rawPath,
-		status:      status,
-		bytes:       e.rec.bytes + e.wsOut.Load(),
-		durationMS:  float64(elapsed.Microseconds()) / 1000,
-		client:      e.scope.Client,
-		key:         e.scope.KeyName,
-		authFailure: e.scope.AuthFailure,
-		aborted:     aborted,
-	}
+	path := e.rawPath
 	if e.query != "" {
-		l.query, l.hasQuery = e.redact(e.query), true
+		path += "?" + e.redact(e.query)
+	}
+	var buf [11]slog.Attr
+	a := append(buf[:0],
+		slog.String("method", e.method),
+		slog.String("path", path),
+		slog.Int("status", status),
+		slog.Int64("bytes", e.rec.bytes+e.wsOut.Load()),
+		slog.Float64("duration_ms", float64(elapsed.Microseconds())/1000),
+		slog.String("client", e.scope.Client.String()),
+	)
+	if e.scope.KeyName != "" {
+		a = append(a, slog.String("key", e.scope.KeyName))
+	}
+	if e.scope.AuthFailure != "" {
+		a = append(a, slog.String("auth_failure", e.scope.AuthFailure))
+	}
+	if e.scope.Upstream != "" {
+		a = append(a, slog.String("upstream", e.scope.Upstream))
 	}
 	if status == http.StatusSwitchingProtocols {
-		l.bytesIn = e.wsIn.Load()
+		a = append(a, slog.Int64("bytes_in", e.wsIn.Load()))
 	}
-	// Writing the line ourselves skips the Record, the Attrs and the
-	// handler's generic walk over them; it writes the same bytes.
-	if fast && h.writeLine(now, level, &l) {
-		return
+	if aborted {
+		a = append(a, slog.Bool("aborted", true))
 	}
-	var buf [10]slog.Attr
-	e.logger.LogAttrs(ctx, level, "request", l.attrs(buf[:0])...)
+	e.logger.LogAttrs(ctx, level, "request", a...)
 }
 
 // countingBody counts the request body bytes read through it.

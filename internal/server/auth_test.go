@@ -207,11 +207,13 @@ func TestPublicRoutesNeedNoKey(t *testing.T) {
 			t.Errorf("GET %s did not reach ComfyUI", p)
 		}
 	}
-	// A CORS preflight carries no key by design; ComfyUI answers it empty
-	// (after its own Host/Origin check, hence the public Host here).
+	// A CORS preflight carries no key by design. For a public path it goes
+	// on to ComfyUI, which answers it empty (after its own Host/Origin
+	// check, hence the public Host here); for a protected one comfygate
+	// answers it (guard_test.go).
 	g.Fake.Reset()
-	resp, _ := do(t, "OPTIONS", g.URL+"/api/prompt", nil, "Host", "comfy.example.com",
-		"Origin", "https://app.example", "Access-Control-Request-Method", "POST")
+	resp, _ := do(t, "OPTIONS", g.URL+"/assets/index.js", nil, "Host", "comfy.example.com",
+		"Origin", "https://app.example", "Access-Control-Request-Method", "GET")
 	if resp.StatusCode != 200 {
 		t.Errorf("preflight: status %d; want 200", resp.StatusCode)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -265,7 +266,11 @@ func TestPerKeyLimits(t *testing.T) {
 		}
 		h := srv.Handler()
 		send := func(method, path, key string) *httptest.ResponseRecorder {
-			r := httptest.NewRequest(method, "http://gw"+path, strings.NewReader(`{"prompt":{}}`))
+			var body io.Reader
+			if method == "POST" {
+				body = strings.NewReader(`{"prompt":{}}`)
+			}
+			r := httptest.NewRequest(method, "http://gw"+path, body)
 			r.Header.Set("X-API-Key", key)
 			w := httptest.NewRecorder()
 			h.ServeHTTP(w, r)

@@ -14,14 +14,12 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/comfygate/comfygate/internal/audit"
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/clientip"
 	"github.com/comfygate/comfygate/internal/config"
-	"github.com/comfygate/comfygate/internal/h1"
 	"github.com/comfygate/comfygate/internal/health"
 	"github.com/comfygate/comfygate/internal/login"
 	"github.com/comfygate/comfygate/internal/metrics"
@@ -29,6 +27,7 @@ import (
 	"github.com/comfygate/comfygate/internal/ratelimit"
 	"github.com/comfygate/comfygate/internal/requestlog"
 	"github.com/comfygate/comfygate/internal/session"
+	"github.com/comfygate/comfygate/internal/upstream"
 )
 
 // Server is a configured comfygate, ready to serve.
@@ -38,6 +37,7 @@ type Server struct {
 	keys    *auth.Reloader
 	audit   *audit.Log
 	metrics *metrics.Metrics
+	pool    *upstream.Pool
 	proxy   *proxy.Proxy
 	health  *health.Checker
 	monitor *health.Monitor
@@ -68,14 +68,20 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		WebSocketBytes: func() (int64, int64) { return s.proxy.StreamBytes() },
 	})
 	s.metrics.SetKeys(s.keys.KeySet().Len())
-	s.proxy = proxy.New(cfg.Upstream, proxy.Options{
-		StripCredentials:      len(cfg.Keys) > 0,
-		MaxBodyBytes:          cfg.MaxBodyBytes,
+	s.pool, err = upstream.NewPool([]upstream.Spec{{URL: cfg.Upstream}}, upstream.Options{
 		ResponseHeaderTimeout: cfg.UpstreamTimeout,
 		Transport:             transport, // nil outside tests
-		Observe:               s.metrics.ObserveExchange,
-		TrustForwarded:        clients.FromTrustedProxy,
-		Logger:                logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s.proxy = proxy.New(s.pool, proxy.Options{
+		StripCredentials: len(cfg.Keys) > 0,
+		MaxBodyBytes:     cfg.MaxBodyBytes,
+		CORSOrigin:       cfg.CORSOrigin,
+		Observe:          s.metrics.ObserveExchange,
+		TrustForwarded:   clients.FromTrustedProxy,
+		Logger:           logger,
 	})
 	s.health = health.New(cfg.Upstream, health.Options{
 		Timeout:        cfg.HealthTimeout,
@@ -137,6 +143,8 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	//   requestlog  one line per request (client address resolved once,
 	//               key names and redacted paths only) and the metrics
 	//   routes      the probes, never behind the key
+	//   guard       methods ComfyUI never needs, bodies on public GETs,
+	//               preflights for protected routes, body deadlines
 	//   audit       one line per state-changing request, refusals included
 	//   login       /login and /logout (browser sessions), before the key check
 	//   auth        lockout, API keys, sessions and scopes; a no-op without keys
@@ -145,6 +153,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	//   proxy       ComfyUI, credentials stripped, bodies capped
 	s.handler = Chain(
 		routes(public, Chain(upstream,
+			guard(guardOptions{BodyTimeout: cfg.BodyTimeout, ProtectWS: cfg.ProtectWS, CORSOrigin: cfg.CORSOrigin}),
 			s.audit.Middleware(),
 			loginRoutes,
 			auth.Middleware(s.keys, authOpts),
@@ -163,6 +172,9 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 
 // upstreamChecked feeds each background check of ComfyUI to the metrics.
 func (s *Server) upstreamChecked(rep *health.Report) {
+	for _, u := range s.pool.All() {
+		u.SetHealthy(rep.Healthy())
+	}
 	if !rep.Healthy() {
 		s.metrics.SetUpstream(false, 0, 0, nil)
 		return
@@ -263,7 +275,7 @@ func (s *Server) Listen() ([]net.Listener, error) {
 			for _, l := range lns {
 				l.Close()
 			}
-			if errors.Is(err, syscall.EADDRINUSE) {
+			if addrInUse(err) {
 				return nil, fmt.Errorf("cannot listen on %s: the port is already in use. "+
 					"If ComfyUI itself runs on it, start ComfyUI on another port (python main.py --port 8189) "+
 					"and point comfygate at it with --upstream http://127.0.0.1:8189; or give comfygate another --port", addr)
@@ -292,19 +304,7 @@ func (s *Server) ListenMetrics() (net.Listener, error) {
 // in-flight requests get cfg.ShutdownTimeout to finish, and every WebSocket
 // is closed with code 1001. It returns nil after a clean shutdown.
 func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Listener) error {
-	srv := &http.Server{
-		Handler:           s.handler,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    1 << 20,
-		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
-		BaseContext:       func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
-	}
-	// HTTP/1.1 only: ComfyUI's WebSocket needs an HTTP/1.1 upgrade, and it
-	// keeps the HTTP/2 server code (and its advisories) out of the binary's
-	// attack surface.
-	srv.Protocols = new(http.Protocols)
-	srv.Protocols.SetHTTP1(true)
+	srv := s.httpServer(ctx, s.handler)
 	if s.cfg.TLS() {
 		cert, err := tls.LoadX509KeyPair(s.cfg.TLSCertFile, s.cfg.TLSKeyFile)
 		if err != nil {
@@ -325,42 +325,19 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	wg.Go(func() { s.monitor.Run(watchCtx) })
 	var metricsSrv *http.Server
 	if metricsLn != nil && s.metricsHandler != nil {
-		metricsSrv = &http.Server{
-			Handler:           s.metricsHandler,
-			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       2 * time.Minute,
-			MaxHeaderBytes:    1 << 20,
-			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
-		}
+		metricsSrv = s.httpServer(ctx, s.metricsHandler)
 		wg.Go(func() {
 			if err := metricsSrv.Serve(metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- err
 			}
 		})
 	}
-	// Plain listeners are served by h1, which answers the common requests
-	// with less CPU than net/http and hands every other connection to srv;
-	// TLS listeners are srv's alone.
-	var fast *h1.Server
-	if !s.cfg.TLS() {
-		fast = &h1.Server{
-			Handler:           s.handler,
-			Fallback:          srv,
-			ReadHeaderTimeout: srv.ReadHeaderTimeout,
-			IdleTimeout:       srv.IdleTimeout,
-			BaseContext:       context.WithoutCancel(ctx),
-			Logger:            s.log,
-		}
-	}
 	for _, ln := range lns {
-		serve := srv.Serve
-		if fast != nil {
-			serve = fast.Serve
-		} else {
+		if srv.TLSConfig != nil {
 			ln = tls.NewListener(ln, srv.TLSConfig)
 		}
 		wg.Go(func() {
-			if err := serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- err
 			}
 		})
@@ -379,13 +356,9 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	if metricsSrv != nil {
 		metricsSrv.Shutdown(shCtx)
 	}
-	shutdown, closeAll := srv.Shutdown, srv.Close
-	if fast != nil {
-		shutdown, closeAll = fast.Shutdown, fast.Close
-	}
-	if err := shutdown(shCtx); err != nil {
+	if err := srv.Shutdown(shCtx); err != nil {
 		s.log.Warn("shutdown timed out; closing the remaining connections", "err", err)
-		closeAll()
+		srv.Close()
 	}
 	s.proxy.Close()
 	streams.Wait()
@@ -393,4 +366,30 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	wg.Wait()
 	s.audit.Close()
 	return serveErr
+}
+
+// httpServer returns the net/http server for h, with the limits every
+// listener gets: a deadline on request headers (bodies have theirs in
+// guard), an idle timeout, a cap on header size, and HTTP/1.1 only.
+//
+// There is no ReadTimeout: it would cut long uploads, and net/http lets it
+// cancel the context of any request still running when it expires.
+// WriteTimeout would cut downloads and generations the same way.
+func (s *Server) httpServer(ctx context.Context, h http.Handler) *http.Server {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: s.cfg.HeaderTimeout,
+		IdleTimeout:       s.cfg.IdleTimeout,
+		// aiohttp, which serves ComfyUI, refuses heads over 32 KiB anyway.
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+		// Requests outlive the signal that starts a graceful shutdown.
+		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+	}
+	// HTTP/1.1 only: ComfyUI's WebSocket needs an HTTP/1.1 upgrade, and it
+	// keeps the HTTP/2 server code (and its advisories) out of the binary's
+	// attack surface.
+	srv.Protocols = new(http.Protocols)
+	srv.Protocols.SetHTTP1(true)
+	return srv
 }

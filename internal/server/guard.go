@@ -1,0 +1,115 @@
+package server
+
+import (
+	"io"
+	"net/http"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/jsonerr"
+	"github.com/comfygate/comfygate/internal/proxy"
+)
+
+// allowedMethods are the methods ComfyUI and its custom nodes use. Anything
+// else (CONNECT, TRACE, made-up methods) is refused before any other layer
+// sees it, and never reaches ComfyUI.
+var allowedMethods = map[string]bool{
+	http.MethodGet: true, http.MethodHead: true, http.MethodPost: true, http.MethodPut: true,
+	http.MethodPatch: true, http.MethodDelete: true, http.MethodOptions: true,
+}
+
+const allowHeader = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+
+// guardOptions configure guard.
+type guardOptions struct {
+	// BodyTimeout is how long a request body may go without a byte.
+	BodyTimeout time.Duration
+	// ProtectWS: /ws needs a key (see auth.Classify).
+	ProtectWS bool
+	// CORSOrigin is --enable-cors-header ("" when off).
+	CORSOrigin string
+}
+
+// guard refuses what ComfyUI never needs before it reaches any other layer,
+// and bounds request bodies:
+//   - methods other than those in allowedMethods get 405;
+//   - a body on a public GET or HEAD (the UI page, static files, /ws) gets
+//     400, rather than being streamed to ComfyUI without a key;
+//   - a CORS preflight for a protected route is answered here (ComfyUI
+//     answers every OPTIONS with an empty 200 anyway); one for a public
+//     route goes on to ComfyUI;
+//   - a request body that goes BodyTimeout without a byte ends the request
+//     (the client that sends headers and then nothing);
+//   - a request refused with its body unread is answered and its connection
+//     closed, instead of net/http reading up to 256 KiB of it first.
+func guard(opts guardOptions) Middleware {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if !allowedMethods[r.Method] {
+				w.Header().Set("Allow", allowHeader)
+				w.Header().Set("Connection", "close")
+				jsonerr.Write(w, http.StatusMethodNotAllowed, "method_not_allowed",
+					"this method is not allowed; ComfyUI uses "+allowHeader)
+				return
+			}
+			hasBody := r.ContentLength != 0 || len(r.TransferEncoding) > 0
+			if hasBody && (r.Method == http.MethodGet || r.Method == http.MethodHead) &&
+				auth.Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS) != auth.Protected {
+				w.Header().Set("Connection", "close")
+				jsonerr.Write(w, http.StatusBadRequest, "bad_request", "a GET or HEAD request must not have a body")
+				return
+			}
+			if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
+				auth.Classify(http.MethodGet, r.URL.EscapedPath(), r.Header, opts.ProtectWS) != auth.Public {
+				if opts.CORSOrigin != "" {
+					proxy.SetCORS(w.Header(), opts.CORSOrigin)
+				}
+				w.Header().Set("Content-Length", "0")
+				w.WriteHeader(http.StatusOK)
+				return
+			}
+			if !hasBody {
+				next.ServeHTTP(w, r)
+				return
+			}
+			// Until the request is known to be forwarded (the proxy takes
+			// this header away), a refusal closes the connection.
+			w.Header().Set("Connection", "close")
+			rc := http.NewResponseController(w)
+			rc.SetReadDeadline(time.Now().Add(opts.BodyTimeout))
+			body := &deadlineBody{ReadCloser: r.Body, rc: rc, timeout: opts.BodyTimeout}
+			r.Body = body
+			next.ServeHTTP(w, r)
+			if !body.done && w.Header().Get("Connection") == "close" {
+				// Refused with the body unread: end net/http's attempt to
+				// drain it at once; the connection closes after the answer.
+				rc.SetReadDeadline(time.Now())
+			}
+		})
+	}
+}
+
+// deadlineBody moves the connection's read deadline BodyTimeout ahead
+// before each read, so a body may take as long as it likes while bytes
+// keep coming. At the body's end the deadline is cleared: net/http then
+// reads the connection in the background to notice a client that leaves,
+// and a deadline left in place would end that request.
+type deadlineBody struct {
+	io.ReadCloser
+	rc      *http.ResponseController
+	timeout time.Duration
+	done    bool
+}
+
+func (b *deadlineBody) Read(p []byte) (int, error) {
+	if b.done {
+		return b.ReadCloser.Read(p)
+	}
+	b.rc.SetReadDeadline(time.Now().Add(b.timeout))
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.done = true
+		b.rc.SetReadDeadline(time.Time{})
+	}
+	return n, err
+}
