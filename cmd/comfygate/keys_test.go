@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 func TestKeysNewHashCheck(t *testing.T) {
@@ -42,7 +43,7 @@ func TestKeysNewHashCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	k, ok := auth.NewKeySet(keys...).Lookup(secret)
-	if !ok || k.Name != "viewer" || k.Scope != auth.ScopeRead {
+	if !ok || k.Name != "viewer" || k.Scope != route.ScopeRead {
 		t.Errorf("lookup of the new key: %+v, %v", k, ok)
 	}
 	out.Reset()

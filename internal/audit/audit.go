@@ -16,8 +16,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/comfygate/comfygate/internal/requestlog"
-	"github.com/comfygate/comfygate/internal/route"
+	"github.com/comfygate/comfygate/internal/reqscope"
 )
 
 // Log writes audit lines. A nil *Log discards them.
@@ -85,8 +84,8 @@ func (l *Log) Write(e Event) {
 
 // Middleware audits every state-changing request (any method but GET, HEAD
 // and OPTIONS; WebSocket upgrades are GETs) after it is answered. It must
-// sit inside requestlog.Middleware, whose scope it reads for the key name
-// and client, and outside authentication, so refusals are audited too.
+// sit inside requestlog.Middleware, whose scope it reads for the route, key
+// name and client, and outside authentication, so refusals are audited too.
 func (l *Log) Middleware() func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		if l == nil {
@@ -98,10 +97,10 @@ func (l *Log) Middleware() func(http.Handler) http.Handler {
 				next.ServeHTTP(w, r)
 				return
 			}
-			pattern, kind := route.Of(r.URL.Path)
+			scope := reqscope.From(r.Context())
+			kind := scope.Route.Kind
 			cw := &captureWriter{ResponseWriter: w, keep: kind == "prompt"}
 			next.ServeHTTP(cw, r)
-			scope := requestlog.ScopeFrom(r.Context())
 			status := cw.status
 			if status == 0 {
 				status = http.StatusOK
@@ -111,7 +110,7 @@ func (l *Log) Middleware() func(http.Handler) http.Handler {
 				Key:     scope.KeyName,
 				Client:  scope.Client.String(),
 				Method:  r.Method,
-				Route:   pattern,
+				Route:   scope.Route.Label,
 				Status:  status,
 				Outcome: outcome(status, scope.AuthFailure),
 			}

@@ -2,16 +2,13 @@ package auth
 
 import (
 	"errors"
-	"net/http"
 	"net/http/httptest"
-	"net/netip"
-	"net/url"
 	"strings"
 	"testing"
-	"testing/synctest"
-	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 const (
@@ -78,7 +75,7 @@ func TestCheckSecret(t *testing.T) {
 func TestParseKeyFile(t *testing.T) {
 	type k struct {
 		Name  string
-		Scope Scope
+		Scope route.Scope
 	}
 	tests := []struct {
 		name     string
@@ -86,17 +83,17 @@ func TestParseKeyFile(t *testing.T) {
 		want     []k
 		wantErrs []string // substrings, one per bad line
 	}{
-		{"one key from echo", goodKey + "\n", []k{{"key-1", ScopeAdmin}}, nil},
-		{"no trailing newline", goodKey, []k{{"key-1", ScopeAdmin}}, nil},
+		{"one key from echo", goodKey + "\n", []k{{"key-1", route.ScopeAdmin}}, nil},
+		{"no trailing newline", goodKey, []k{{"key-1", route.ScopeAdmin}}, nil},
 		{"comments blanks and spaces", "# team keys\n\n  " + goodKey + "  \r\n\t" + otherKey + "\n",
-			[]k{{"key-1", ScopeAdmin}, {"key-2", ScopeAdmin}}, nil},
-		{"byte order mark", "\ufeff" + goodKey + "\n", []k{{"key-1", ScopeAdmin}}, nil},
-		{"named", "alice:" + goodKey + "\n", []k{{"alice", ScopeAdmin}}, nil},
-		{"named with scope", "render-bot:" + goodKey + " submit\n", []k{{"render-bot", ScopeSubmit}}, nil},
-		{"hashed with scope", "viewer:sha256:" + HashSecret(goodKey) + " read\n", []k{{"viewer", ScopeRead}}, nil},
-		{"hashed upper-case hex, scope list", "ops:sha256:" + strings.ToUpper(HashSecret(goodKey)) + "\tread,admin\n", []k{{"ops", ScopeAdmin}}, nil},
-		{"bare key with scope", goodKey + " read\n", []k{{"key-1", ScopeRead}}, nil},
-		{"mixed", goodKey + "\nbob:" + otherKey + " read\n", []k{{"key-1", ScopeAdmin}, {"bob", ScopeRead}}, nil},
+			[]k{{"key-1", route.ScopeAdmin}, {"key-2", route.ScopeAdmin}}, nil},
+		{"byte order mark", "\ufeff" + goodKey + "\n", []k{{"key-1", route.ScopeAdmin}}, nil},
+		{"named", "alice:" + goodKey + "\n", []k{{"alice", route.ScopeAdmin}}, nil},
+		{"named with scope", "render-bot:" + goodKey + " submit\n", []k{{"render-bot", route.ScopeSubmit}}, nil},
+		{"hashed with scope", "viewer:sha256:" + HashSecret(goodKey) + " read\n", []k{{"viewer", route.ScopeRead}}, nil},
+		{"hashed upper-case hex, scope list", "ops:sha256:" + strings.ToUpper(HashSecret(goodKey)) + "\tread,admin\n", []k{{"ops", route.ScopeAdmin}}, nil},
+		{"bare key with scope", goodKey + " read\n", []k{{"key-1", route.ScopeRead}}, nil},
+		{"mixed", goodKey + "\nbob:" + otherKey + " read\n", []k{{"key-1", route.ScopeAdmin}, {"bob", route.ScopeRead}}, nil},
 		{"every bad line reported", "ok-key-ok-key-ok-key\nbad\x01key\n\nnon-ascii-é\nx:sha256:abc\n:" + goodKey + "\nbad$name:" + otherKey + "\nz:" + goodKey + " write\n",
 			nil, []string{"line 2: key contains a control character", "line 4: key contains a non-ASCII",
 				"line 5: key \"x\": sha256: must be followed by 64 hex digits", "line 6: key name is empty",
@@ -157,7 +154,7 @@ func FuzzParseKeyFile(f *testing.F) {
 		}
 		names := map[string]bool{}
 		for _, k := range keys {
-			if CheckName(k.Name) != nil || names[k.Name] || k.Scope < ScopeRead || k.Scope > ScopeAdmin {
+			if CheckName(k.Name) != nil || names[k.Name] || k.Scope < route.ScopeRead || k.Scope > route.ScopeAdmin {
 				t.Fatalf("bad key %+v", k)
 			}
 			names[k.Name] = true
@@ -249,165 +246,6 @@ func TestRedactQuery(t *testing.T) {
 	}
 }
 
-// TestClassifyPathTricks pins the rule that a trick can only ever make a
-// public path protected, never a protected route public.
-func TestClassifyPathTricks(t *testing.T) {
-	tests := []struct {
-		method, path string
-		protectWS    bool
-		want         Access
-	}{
-		// Public as documented.
-		{"GET", "/", false, Public},
-		{"HEAD", "/", false, Public},
-		{"GET", "/ws", false, Public},
-		{"GET", "/api/ws", false, Public},
-		{"GET", "/assets/index-BxZ1.js", false, Public},
-		{"GET", "/assets/index-BxZ1.css", false, Public},
-		{"GET", "/extensions/core/clipspace.js", false, Public},
-		{"GET", "/extensions/my%20pack/widget.js", false, Public},
-		{"GET", "/scripts/api.js", false, Public},
-		{"GET", "/templates/index.json", false, Public},
-		{"GET", "/fonts/inter.woff2", false, Public},
-		{"GET", "/favicon.ico", false, Public},
-		{"OPTIONS", "/prompt", false, Protected}, // not a preflight: no Access-Control-Request-Method
-
-		// --protect-ws.
-		{"GET", "/ws", true, Protected},
-		{"GET", "/api/ws", true, Protected},
-
-		// Methods.
-		{"POST", "/", false, Protected},
-		{"POST", "/assets/index.js", false, Protected},
-		{"PUT", "/ws", false, Protected},
-		{"DELETE", "/extensions/core/x.js", false, Protected},
-		{"get", "/", false, Protected},
-
-		// API routes stay protected.
-		{"GET", "/prompt", false, Protected},
-		{"GET", "/api/prompt", false, Protected},
-		{"GET", "/api/", false, Protected},
-		{"GET", "/queue", false, Protected},
-		{"GET", "/view", false, Protected},
-		{"GET", "/system_stats", false, Protected},
-		{"GET", "/userdata/workflows%2Fa.json", false, Protected},
-		{"GET", "/api/userdata/comfy.settings.json", false, Protected},
-		{"GET", "/userdata/a.json", false, Protected},
-		{"GET", "/settings.json", false, Protected},
-		{"GET", "/manager/queue/start.js", false, Protected},
-		{"GET", "/internal/logs", false, Protected},
-		{"GET", "/custom_node_route", false, Protected},
-		{"GET", "/assets", false, Protected},
-		{"GET", "/assets/", false, Protected},
-		{"GET", "/assets/noext", false, Protected},
-		{"GET", "/assets/x.py", false, Protected},
-
-		// Dot segments, doubled and encoded slashes, encoded dots, backslashes, case.
-		{"GET", "/assets/../prompt", false, Protected},
-		{"GET", "/assets/../userdata/x.json", false, Protected},
-		{"GET", "/assets/./index.js", false, Protected},
-		{"GET", "/assets/%2e%2e/prompt.js", false, Protected},
-		{"GET", "/assets/%2E%2E/prompt.js", false, Protected},
-		{"GET", "/assets/.%2e/queue.js", false, Protected},
-		{"GET", "/assets%2f..%2fprompt.js", false, Protected},
-		{"GET", "/assets%2Findex.js", false, Protected},
-		{"GET", "/assets/..%2fprompt.js", false, Protected},
-		{"GET", "/assets/..\\prompt.js", false, Protected},
-		{"GET", "/assets\\..\\prompt.js", false, Protected},
-		{"GET", "/assets/%5c..%5cprompt.js", false, Protected},
-		{"GET", "//ws", false, Protected},
-		{"GET", "/ws/", false, Protected},
-		{"GET", "/ws/../prompt", false, Protected},
-		{"GET", "/./ws", false, Protected},
-		{"GET", "/%77s", false, Public}, // decodes to /ws, which is public anyway
-		{"GET", "/%77s", true, Protected},
-		{"GET", "/WS", false, Protected},
-		{"GET", "/Ws", false, Protected},
-		{"GET", "/ASSETS/index.js", false, Protected},
-		{"GET", "/assets//index.js", false, Protected},
-		{"GET", "/assets/index.js%00", false, Protected},
-		{"GET", "/assets/index.js;.css", false, Protected},
-		{"GET", "/assets/%25%32%65%25%32%65/prompt.js", false, Protected},
-		{"GET", "/favicon.ico/../prompt", false, Protected},
-		{"GET", "/prompt.js", false, Public}, // a root file: ComfyUI has no such route, static handler answers
-		{"GET", "/prompt.json", false, Protected},
-		{"GET", "", false, Protected},
-		{"GET", "*", false, Protected},
-		{"GET", "prompt", false, Protected},
-	}
-	for _, tt := range tests {
-		if got := Classify(tt.method, tt.path, http.Header{}, tt.protectWS); got != tt.want {
-			t.Errorf("Classify(%s %q, protectWS=%v) = %v; want %v", tt.method, tt.path, tt.protectWS, got, tt.want)
-		}
-	}
-}
-
-func TestClassifyPreflight(t *testing.T) {
-	h := http.Header{"Access-Control-Request-Method": {"POST"}, "Origin": {"https://app.example"}}
-	if got := Classify("OPTIONS", "/prompt", h, true); got != Preflight {
-		t.Errorf("Classify(preflight) = %v; want preflight", got)
-	}
-	if got := Classify("POST", "/prompt", h, false); got != Protected {
-		t.Errorf("POST with preflight headers = %v; want protected", got)
-	}
-}
-
-// routerView decodes a path the most permissive way any server might: every
-// escape decoded, backslashes as slashes, dot segments and doubled slashes
-// resolved. A public classification must mean the same route under it.
-func routerView(escaped string) string {
-	p, err := url.PathUnescape(escaped)
-	if err != nil {
-		p = escaped
-	}
-	p = strings.ReplaceAll(p, "\\", "/")
-	for strings.Contains(p, "//") {
-		p = strings.ReplaceAll(p, "//", "/")
-	}
-	return cleanPath(p)
-}
-
-func cleanPath(p string) string {
-	var out []string
-	for _, seg := range strings.Split(p, "/") {
-		switch seg {
-		case "", ".":
-		case "..":
-			if len(out) > 0 {
-				out = out[:len(out)-1]
-			}
-		default:
-			out = append(out, seg)
-		}
-	}
-	return "/" + strings.Join(out, "/")
-}
-
-func FuzzClassify(f *testing.F) {
-	for _, s := range []string{"/", "/ws", "/assets/index.js", "/assets/../prompt", "/assets/%2e%2e/prompt.js",
-		"/extensions/a%20b/c.js", "//ws", "/assets\\..\\x.js", "/favicon.ico", "/templates/index.json", "/%77s"} {
-		f.Add("GET", s)
-	}
-	f.Fuzz(func(t *testing.T, method, p string) {
-		if Classify(method, p, http.Header{}, false) != Public {
-			return
-		}
-		if method != "GET" && method != "HEAD" {
-			t.Fatalf("%s %q is public", method, p)
-		}
-		decoded, err := url.PathUnescape(p)
-		if err != nil {
-			t.Fatalf("%q is public but does not decode: %v", p, err)
-		}
-		if rv := routerView(p); rv != decoded && !(decoded == "/" && rv == "/") {
-			t.Fatalf("%q is public but a router could read it as %q", p, rv)
-		}
-		if Classify(method, p, http.Header{}, true) == Public && (decoded == "/ws" || decoded == "/api/ws") {
-			t.Fatalf("%q is public under protectWS", p)
-		}
-	})
-}
-
 func FuzzCredentials(f *testing.F) {
 	f.Add("Bearer k", "k", "api_key=k&token=t&x=1")
 	f.Add("bearer  k", "", "api%5Fkey=k")
@@ -444,88 +282,4 @@ func FuzzCredentials(f *testing.F) {
 			t.Fatalf("Strip left %+v in query %q", left, r.URL.RawQuery)
 		}
 	})
-}
-
-func TestRequiredScopeTricks(t *testing.T) {
-	tests := []struct {
-		method, path string
-		want         Scope
-	}{
-		{"GET", "/queue", ScopeRead},
-		{"GET", "/api/queue", ScopeRead},
-		{"GET", "/api/api/jobs", ScopeRead},
-		{"GET", "/api/userdata/workflows%2Fa.json", ScopeRead},
-		{"GET", "/api/userdata/workflows%2F%E5%B7%A5%E4%BD%9C.json", ScopeRead}, // a CJK file name
-		{"GET", "/api/userdata/100%25.json", ScopeRead},
-		{"GET", "/view%25", ScopeAdmin},
-		{"GET", "/history/%2e%2e%2finternal", ScopeAdmin},
-		{"POST", "/api/prompt", ScopeSubmit},
-		{"POST", "/api/jobs/abc/cancel", ScopeSubmit},
-		{"POST", "/api/jobs/a/b/cancel", ScopeAdmin},
-		{"POST", "/api/userdata/workflows%2Fa.json", ScopeAdmin},
-		{"GET", "/internal/logs", ScopeAdmin},
-		{"GET", "/userdata%2F..%2Finternal%2Flogs", ScopeAdmin},
-		{"GET", "/history/../internal/logs", ScopeAdmin},
-		{"GET", "/history/%2e%2e/internal/logs", ScopeAdmin},
-		{"GET", "/view/../manager/x", ScopeAdmin},
-		{"GET", "/viewx", ScopeAdmin},
-		{"GET", "/api%2Finternal/logs", ScopeAdmin},
-		{"GET", "//queue", ScopeAdmin},
-		{"GET", "/QUEUE", ScopeAdmin},
-		{"DELETE", "/queue", ScopeAdmin},
-		{"PUT", "/prompt", ScopeAdmin},
-		{"GET", "/manager/queue/status", ScopeAdmin},
-		{"GET", "/custom/route", ScopeAdmin},
-	}
-	for _, tt := range tests {
-		if got := RequiredScope(tt.method, tt.path); got != tt.want {
-			t.Errorf("RequiredScope(%s %s) = %v; want %v", tt.method, tt.path, got, tt.want)
-		}
-	}
-}
-
-func TestLockoutCounts(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		l := NewLockout(3, time.Minute)
-		a := netip.MustParseAddr("198.51.100.1")
-		if first, second := l.Fail(a), l.Fail(a); first || second {
-			t.Fatal("locked before the threshold")
-		}
-		time.Sleep(61 * time.Second) // the first two fall out of the window
-		if first, second := l.Fail(a), l.Fail(a); first || second {
-			t.Fatal("old failures still counted")
-		}
-		if !l.Fail(a) {
-			t.Fatal("third failure within the window did not lock")
-		}
-		if left, locked := l.Locked(a); !locked || left != time.Minute {
-			t.Errorf("Locked = %v, %v", left, locked)
-		}
-		// IPv6 is counted per /64.
-		v6 := NewLockout(2, time.Minute)
-		v6.Fail(netip.MustParseAddr("2001:db8::1"))
-		v6.Fail(netip.MustParseAddr("2001:db8::ffff"))
-		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8::42")); !locked {
-			t.Error("rotating addresses within a /64 escaped the lockout")
-		}
-		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8:1::1")); locked {
-			t.Error("another /64 is locked too")
-		}
-		time.Sleep(time.Minute)
-		if _, locked := l.Locked(a); locked {
-			t.Error("still locked after the window")
-		}
-	})
-}
-
-// TestLockoutBounded: an address-spraying client cannot grow the table
-// past its cap.
-func TestLockoutBounded(t *testing.T) {
-	l := NewLockout(10, time.Hour)
-	for i := range maxTracked + 5000 {
-		l.Fail(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
-	}
-	if n := len(l.clients); n > maxTracked {
-		t.Errorf("%d addresses tracked; cap %d", n, maxTracked)
-	}
 }

@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"strings"
+
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 // The key file holds one key per line. Blank lines and lines starting with
@@ -30,7 +32,7 @@ import (
 const maxNameLen = 64
 
 // KeyLine is the key-file line for a named, hashed key.
-func KeyLine(name, secret string, scope Scope) string {
+func KeyLine(name, secret string, scope route.Scope) string {
 	return fmt.Sprintf("%s:sha256:%s %s", name, HashSecret(secret), scope)
 }
 
@@ -60,16 +62,16 @@ func CheckName(name string) error {
 }
 
 // ParseScopes reads a scope list such as "read" or "read,submit"; the widest counts.
-func ParseScopes(s string) (Scope, error) {
-	widest := ScopeNone
+func ParseScopes(s string) (route.Scope, error) {
+	widest := route.ScopeNone
 	for _, f := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' }) {
-		sc, err := ParseScope(f)
+		sc, err := route.ParseScope(f)
 		if err != nil {
 			return 0, err
 		}
 		widest = max(widest, sc)
 	}
-	if widest == ScopeNone {
+	if widest == route.ScopeNone {
 		return 0, errors.New("no scope given")
 	}
 	return widest, nil
@@ -137,7 +139,7 @@ func parseLine(line string, index int) (Key, error) {
 	if !hasScopes {
 		field, scopes, hasScopes = strings.Cut(line, "\t")
 	}
-	scope := ScopeAdmin
+	scope := route.ScopeAdmin
 	if hasScopes {
 		s, err := ParseScopes(scopes)
 		if err != nil {

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"unicode/utf8"
+
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 // MinRecommendedKeyLen is the length under which a key gets a start-up warning.
@@ -23,7 +25,7 @@ type KeyID [sha256.Size]byte
 // plaintext is not kept.
 type Key struct {
 	Name  string
-	Scope Scope
+	Scope route.Scope
 	// Short is true when the secret is known to be shorter than
 	// MinRecommendedKeyLen (never set for keys given only as a hash).
 	Short bool
@@ -33,7 +35,7 @@ type Key struct {
 // NewKey hashes secret into a Key with the admin scope. It does not
 // validate the secret; call CheckSecret first.
 func NewKey(name, secret string) Key {
-	return Key{Name: name, Scope: ScopeAdmin, Short: len(secret) < MinRecommendedKeyLen, id: sha256.Sum256([]byte(secret))}
+	return Key{Name: name, Scope: route.ScopeAdmin, Short: len(secret) < MinRecommendedKeyLen, id: sha256.Sum256([]byte(secret))}
 }
 
 // ID returns the key's in-process identity.

@@ -6,7 +6,9 @@ import (
 	"time"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
-	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/ratelimit"
+	"github.com/comfygate/comfygate/internal/reqscope"
+	"github.com/comfygate/comfygate/internal/route"
 	"github.com/comfygate/comfygate/internal/session"
 )
 
@@ -23,12 +25,9 @@ func (s Static) KeySet() *KeySet { return s.Set }
 
 // Options tune the middleware.
 type Options struct {
-	// ProtectWS makes /ws need a key like every other route. By default the
-	// WebSocket is public, as ComfyUI clients expect.
-	ProtectWS bool
 	// Lockout, if not nil, counts invalid credentials per client address and
 	// refuses locked-out clients with 429.
-	Lockout *Lockout
+	Lockout *ratelimit.Lockout
 	// OnLockout, if set, is called when a client has just been locked out.
 	OnLockout func(r *http.Request, client netip.Addr, until time.Duration)
 	// Sessions, if not nil, turns on browser login: a request without a key
@@ -51,10 +50,12 @@ const (
 // Middleware returns the authentication layer. With no keys configured it
 // passes everything: comfygate is then a pure pass-through.
 //
-// A protected request passes only if it carries at least one credential,
-// every credential it carries is a configured key, and the narrowest of
-// those keys' scopes covers the route (RequiredScope). A public request
-// passes whatever it carries. A client locked out by Lockout gets 429 for
+// Whether a request is public or protected, and the scope a protected one
+// needs, is its route entry (route.Classify), read from the request's scope
+// (reqscope), where requestlog's middleware put it. A protected request
+// passes only if it carries at least one credential, every credential it
+// carries is a configured key, and the narrowest of those keys' scopes
+// covers the route. A public request passes whatever it carries. A client locked out by Lockout gets 429 for
 // everything. Stripping the credentials before the request goes upstream is
 // the proxy's job (see Strip), so the inbound request is never modified.
 func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
@@ -65,7 +66,7 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				next.ServeHTTP(w, r)
 				return
 			}
-			scope := requestlog.ScopeFrom(r.Context())
+			scope := reqscope.From(r.Context())
 			if left, locked := opts.Lockout.Locked(scope.Client); locked {
 				scope.AuthFailure = FailureLocked
 				TooManyRequests(w, left, "too many failed attempts from this address; try again later")
@@ -80,7 +81,6 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 					key, failure, viaCookie = k, "", true
 				}
 			}
-			access := Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS)
 			if failure == FailureInvalid {
 				// Counted on public routes too: otherwise the answer to a
 				// guess on "/" (page or login redirect) would be an oracle
@@ -89,7 +89,7 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 					opts.OnLockout(r, scope.Client, opts.Lockout.Window())
 				}
 			}
-			if access != Protected {
+			if scope.Route.Access != route.Protected {
 				if failure == "" {
 					scope.KeyName, scope.KeyID = key.Name, key.ID()
 				} else if opts.Sessions != nil && r.URL.Path == "/" && wantsLogin(r) {
@@ -117,8 +117,13 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				return
 			}
 			scope.KeyName, scope.KeyID = key.Name, key.ID()
-			need := RequiredScope(r.Method, r.URL.EscapedPath())
-			if viaCookie && need > ScopeRead && r.Header.Get("Origin") == "" && r.Header.Get("Sec-Fetch-Site") == "" {
+			need := scope.Route.Scope
+			if need == route.ScopeNone {
+				// Only an entry nobody classified (no requestlog in front)
+				// is protected without a scope: it needs everything.
+				need = route.ScopeAdmin
+			}
+			if viaCookie && need > route.ScopeRead && r.Header.Get("Origin") == "" && r.Header.Get("Sec-Fetch-Site") == "" {
 				// A browser too old to send fetch metadata cannot show
 				// where a GET came from; only reads may ride its cookie.
 				scope.AuthFailure = FailureCrossSite

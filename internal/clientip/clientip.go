@@ -85,6 +85,19 @@ func (r *Resolver) isTrusted(a netip.Addr) bool {
 	return false
 }
 
+// Block is the range of addresses one client is taken to hold, for counting
+// it: the address itself for IPv4, and its /64 for IPv6, since one host
+// usually holds a whole /64 and can rotate through it at will.
+func Block(a netip.Addr) netip.Prefix {
+	a = a.Unmap()
+	if a.Is6() {
+		p, _ := a.Prefix(64)
+		return p
+	}
+	p, _ := a.Prefix(a.BitLen())
+	return p
+}
+
 func peerAddr(remote string) netip.Addr {
 	host, _, err := net.SplitHostPort(remote)
 	if err != nil {

@@ -2,6 +2,7 @@ package clientip
 
 import (
 	"net/http/httptest"
+	"net/netip"
 	"testing"
 )
 
@@ -38,5 +39,19 @@ func TestResolve(t *testing.T) {
 	}
 	if _, err := ParsePrefixes([]string{"not-a-cidr"}); err == nil {
 		t.Error("ParsePrefixes accepted garbage")
+	}
+}
+
+func TestBlock(t *testing.T) {
+	tests := []struct{ addr, want string }{
+		{"198.51.100.7", "198.51.100.7/32"},
+		{"::ffff:198.51.100.7", "198.51.100.7/32"},
+		{"2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"},
+		{"fe80::1%eth0", "fe80::/64"},
+	}
+	for _, tt := range tests {
+		if got := Block(netip.MustParseAddr(tt.addr)).String(); got != tt.want {
+			t.Errorf("Block(%s) = %s; want %s", tt.addr, got, tt.want)
+		}
 	}
 }

@@ -103,6 +103,12 @@ type Config struct {
 	// CheckConfig means: validate, report and exit.
 	CheckConfig bool
 
+	// HealthTTL is how long a finished /health check answers later callers
+	// (health.Options.TTL), and KeyPollInterval how often the key file is
+	// checked for changes. They are not flags: Load sets both to 1s, and
+	// only tests lower them.
+	HealthTTL, KeyPollInterval time.Duration
+
 	// Warnings are problems that do not stop start-up (a short key, a key
 	// on the command line, an open listener without keys).
 	Warnings []string
@@ -171,13 +177,29 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.DurationVar(&r.bodyTimeout, "body-timeout", 30*time.Second, "how long a request body may go without a byte arriving")
 	fs.DurationVar(&r.idleTimeout, "idle-timeout", 2*time.Minute, "how long an idle keep-alive client connection is kept")
 	fs.StringVar(&r.corsOrigin, "enable-cors-header", "", "allow cross-site requests from this origin, as ComfyUI's flag of the same name (bare flag: *)")
-	fs.Lookup("enable-cors-header").NoOptDefVal = "*"
 	fs.StringVar(&r.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&r.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&r.checkConfig, "check-config", false, "validate the configuration and key file, then exit")
 	fs.BoolVar(&r.version, "version", false, "print the version and exit")
 	fs.BoolP("help", "h", false, "show this help")
 	return fs
+}
+
+// bareCORSFlag gives a bare --enable-cors-header (last, or followed by
+// another flag) the value "*", as ComfyUI's flag of the same name takes it;
+// "--enable-cors-header ORIGIN" keeps working too.
+func bareCORSFlag(args []string) []string {
+	out := make([]string, 0, len(args))
+	for i, a := range args {
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		if a == "--enable-cors-header" && (i+1 == len(args) || strings.HasPrefix(args[i+1], "-")) {
+			a += "=*"
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 // EnvName is the environment variable that mirrors flag name.
@@ -210,7 +232,7 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 	fs := newFlagSet(&r)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(bareCORSFlag(args)); err != nil {
 		return nil, &Error{Problems: []string{err.Error() + " (see comfygate --help)"}}
 	}
 	if help, _ := fs.GetBool("help"); help {
@@ -272,6 +294,8 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		SessionTTL:      r.sessionTTL,
 		MaxQueue:        r.maxQueue,
 		MetricsInterval: r.metricsInterval,
+		HealthTTL:       time.Second,
+		KeyPollInterval: time.Second,
 	}
 	add := func(flag, format string, args ...any) {
 		problems = append(problems, name(flag)+": "+fmt.Sprintf(format, args...))

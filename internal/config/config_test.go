@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 
@@ -43,6 +44,9 @@ func TestDefaults(t *testing.T) {
 	}
 	if c.MaxBodyBytes != 100<<20 {
 		t.Errorf("MaxBodyBytes = %d; want 100 MB", c.MaxBodyBytes)
+	}
+	if c.HealthTTL != time.Second || c.KeyPollInterval != time.Second {
+		t.Errorf("HealthTTL = %v, KeyPollInterval = %v; want 1s each (only tests lower them)", c.HealthTTL, c.KeyPollInterval)
 	}
 	if len(c.Warnings) != 0 {
 		t.Errorf("unexpected warnings: %q", c.Warnings)

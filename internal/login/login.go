@@ -15,7 +15,7 @@ import (
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/ratelimit"
-	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/session"
 )
 
@@ -39,7 +39,7 @@ type Handler struct {
 	// Attempts limits login attempts per client address (nil: no limit).
 	Attempts *ratelimit.Limiter
 	// Lockout counts failed logins with every other failed key attempt.
-	Lockout *auth.Lockout
+	Lockout *ratelimit.Lockout
 	// OnLockout is called when a failed login locks a client out.
 	OnLockout func(r *http.Request, client netip.Addr, d time.Duration)
 	// Secure reports whether the client reached the gateway over HTTPS,
@@ -69,7 +69,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (h *Handler) login(w http.ResponseWriter, r *http.Request) {
-	scope := requestlog.ScopeFrom(r.Context())
+	scope := reqscope.From(r.Context())
 	r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
 	next := auth.LocalRedirect(r.PostFormValue("next"))
 	data := pageData{Next: next}
@@ -126,7 +126,7 @@ func (h *Handler) logout(w http.ResponseWriter, r *http.Request) {
 	}
 	if id := session.FromRequest(r); id != "" {
 		if sess, ok := h.Sessions.Get(id); ok {
-			scope := requestlog.ScopeFrom(r.Context())
+			scope := reqscope.From(r.Context())
 			scope.KeyName, scope.KeyID = sess.KeyName, sess.KeyID
 		}
 		h.Sessions.Delete(id)

@@ -3,7 +3,7 @@
 // queue and VRAM, WebSockets and bytes. Everything lives in a private
 // registry owned by a Metrics value, so tests can build many in parallel.
 //
-// Labels are bounded by construction: route patterns (see package route),
+// Labels are bounded by construction: route labels (see package route),
 // HTTP methods and status codes, key names from the key file, device names
 // from ComfyUI. No label ever holds a raw path, a query or a key.
 package metrics
@@ -17,8 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/requestlog"
-	"github.com/comfygate/comfygate/internal/route"
 )
 
 const namespace = "comfygate"
@@ -112,7 +112,7 @@ var knownMethods = map[string]bool{"GET": true, "HEAD": true, "POST": true, "PUT
 
 // Observe records a finished request; it is a requestlog.Observer.
 func (m *Metrics) Observe(r *requestlog.Result) {
-	pattern, kind := route.Of(r.Path)
+	pattern, kind := r.Scope.Route.Label, r.Scope.Route.Kind
 	method := r.Method
 	if !knownMethods[method] {
 		method = "other"
@@ -136,17 +136,6 @@ func (m *Metrics) Observe(r *requestlog.Result) {
 	if r.BytesOut > 0 {
 		m.bytes.WithLabelValues("out").Add(float64(r.BytesOut))
 	}
-}
-
-// ObserveUpstream records one exchange with ComfyUI: the time to its
-// response headers, or why there was none.
-func (m *Metrics) ObserveUpstream(path string, d time.Duration, errReason string) {
-	if errReason != "" {
-		m.upstreamErrors.WithLabelValues(errReason).Inc()
-		return
-	}
-	pattern, _ := route.Of(path)
-	m.upstreamDuration.WithLabelValues(pattern).Observe(d.Seconds())
 }
 
 // Device is one ComfyUI device's memory.
@@ -227,7 +216,16 @@ func (c wsBytesCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // ObserveExchange records one exchange with ComfyUI (proxy.Options.Observe):
-// d is the time to its response headers, or reason why there was none.
+// d is the time to its response headers, or reason why there was none. The
+// route label is the one in r's scope.
 func (m *Metrics) ObserveExchange(r *http.Request, d time.Duration, reason string) {
-	m.ObserveUpstream(r.URL.Path, d, reason)
+	if reason != "" {
+		m.upstreamErrors.WithLabelValues(reason).Inc()
+		return
+	}
+	label := reqscope.From(r.Context()).Route.Label
+	if label == "" {
+		label = "other" // a request nobody classified
+	}
+	m.upstreamDuration.WithLabelValues(label).Observe(d.Seconds())
 }

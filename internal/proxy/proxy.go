@@ -25,7 +25,7 @@ import (
 
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/jsonerr"
-	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/upstream"
 )
 
@@ -113,7 +113,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		p.fail(w, r, "", 0, err)
 		return
 	}
-	requestlog.ScopeFrom(r.Context()).Upstream = u.Name
+	reqscope.From(r.Context()).Upstream = u.Name
 	if up := upgradeType(r.Header); up != "" {
 		p.serveUpgrade(w, r, u, up)
 		return
@@ -242,11 +242,6 @@ func (p *Proxy) fail(w http.ResponseWriter, r *http.Request, server string, d ti
 		w.Header().Set("Connection", "close")
 		jsonerr.Write(w, http.StatusRequestEntityTooLarge, "request_too_large",
 			"the request body is larger than the gateway allows (--max-upload-size)")
-	case r.Context().Err() != nil:
-		// The client went away. Nothing may be sent: net/http would
-		// otherwise answer a half-closed client with an invented 200.
-		requestlog.ScopeFrom(r.Context()).Canceled = true
-		panic(http.ErrAbortHandler)
 	case errors.As(err, &bodyErr):
 		w.Header().Set("Connection", "close")
 		if isTimeout(bodyErr.Err) {
@@ -258,6 +253,13 @@ func (p *Proxy) fail(w http.ResponseWriter, r *http.Request, server string, d ti
 		p.log.Info("bad request body", "method", r.Method, "path", r.URL.Path, "err", bodyErr.Err)
 		jsonerr.Write(w, http.StatusBadRequest, "bad_request",
 			"the request body could not be read: it was cut short or its chunked encoding is malformed")
+	case r.Context().Err() != nil:
+		// The client went away (a failed body read ends the request's
+		// context too, hence the cases above first). Nothing may be sent:
+		// net/http would otherwise answer a half-closed client with an
+		// invented 200.
+		reqscope.From(r.Context()).Canceled = true
+		panic(http.ErrAbortHandler)
 	case errors.Is(err, upstream.ErrNoUpstream):
 		reason = ReasonNoUpstream
 		p.log.Warn("no upstream available", "method", r.Method, "path", r.URL.Path)
@@ -302,7 +304,7 @@ func (b *clientBody) Read(p []byte) (int, error) {
 }
 
 // keyID is the key that authenticated r (zero: none).
-func keyID(r *http.Request) [32]byte { return requestlog.ScopeFrom(r.Context()).KeyID }
+func keyID(r *http.Request) [32]byte { return reqscope.From(r.Context()).KeyID }
 
 // Close closes the idle connections to ComfyUI.
 func (p *Proxy) Close() { p.pool.CloseIdleConnections() }

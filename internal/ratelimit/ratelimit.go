@@ -1,72 +1,43 @@
-// Package ratelimit limits how fast each API key may make requests and queue
-// prompts, with one token bucket per key name.
+// Package ratelimit refuses clients and keys that do too much: per-key
+// request and prompt limits (Limiter, one token bucket per key, from
+// golang.org/x/time/rate) and the brute-force lockout per client address
+// (Lockout). Both keep their state in memory, in tables of bounded size.
 package ratelimit
 
 import (
-	"math"
 	"net/http"
 	"sync"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"github.com/comfygate/comfygate/internal/jsonerr"
-	"github.com/comfygate/comfygate/internal/requestlog"
+	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/route"
 )
 
 // Limiter holds one token bucket per key. A nil *Limiter allows everything.
 type Limiter struct {
-	rate  float64 // tokens per second
-	burst float64
+	limit rate.Limit
+	burst int
 
-	mu        sync.Mutex
-	buckets   map[string]*bucket
-	lastSweep time.Time
-}
-
-type bucket struct {
-	tokens float64
-	last   time.Time
+	mu      sync.Mutex
+	buckets *table[string, *rate.Limiter]
 }
 
 // New returns a limiter that allows perSecond events per second with bursts
-// of burst; perSecond <= 0 returns nil (no limit).
+// of burst (at least 1; a fraction is rounded down); perSecond <= 0 returns
+// nil (no limit).
 func New(perSecond, burst float64) *Limiter {
 	if perSecond <= 0 {
 		return nil
 	}
-	if burst < 1 {
-		burst = 1
-	}
-	return &Limiter{rate: perSecond, burst: burst, buckets: make(map[string]*bucket)}
-}
-
-// maxBuckets bounds the memory of a limiter keyed by client address.
-const maxBuckets = 100_000
-
-// makeRoom keeps the map under maxBuckets: a sweep at most once a second,
-// then, if still full, arbitrary buckets forgotten down to 90% (a forgotten
-// bucket starts full again, which errs towards allowing). l.mu must be held.
-func (l *Limiter) makeRoom(now time.Time) {
-	if now.Sub(l.lastSweep) >= time.Second {
-		l.lastSweep = now
-		l.sweep(now)
-	}
-	for k := range l.buckets {
-		if len(l.buckets) < maxBuckets*9/10 {
-			break
-		}
-		delete(l.buckets, k)
-	}
-}
-
-// sweep drops buckets that have refilled completely: forgetting them
-// changes nothing. l.mu must be held.
-func (l *Limiter) sweep(now time.Time) {
-	for k, b := range l.buckets {
-		if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
-			delete(l.buckets, k)
-		}
-	}
+	l := &Limiter{limit: rate.Limit(perSecond), burst: max(int(burst), 1)}
+	// A full bucket is the same as none: forgetting it changes nothing.
+	l.buckets = newTable[string](maxEntries, func(b *rate.Limiter, now time.Time) bool {
+		return b.TokensAt(now) >= float64(l.burst)
+	})
+	return l
 }
 
 // Allow takes one token from key's bucket. When the bucket is empty it
@@ -78,38 +49,29 @@ func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
 	now := time.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	b := l.buckets[key]
-	if b == nil {
-		if len(l.buckets) >= maxBuckets {
-			l.makeRoom(now)
-		}
-		b = &bucket{tokens: l.burst, last: now}
-		l.buckets[key] = b
-	}
-	b.tokens = math.Min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
-	b.last = now
-	if b.tokens >= 1 {
-		b.tokens--
+	b := l.buckets.getOrAdd(key, now, func() *rate.Limiter { return rate.NewLimiter(l.limit, l.burst) })
+	if b.AllowN(now, 1) {
 		return true, 0
 	}
-	wait := time.Duration((1 - b.tokens) / l.rate * float64(time.Second))
-	return false, wait
+	// A refusal takes nothing, so the wait is until one whole token.
+	return false, time.Duration((1 - b.TokensAt(now)) / float64(l.limit) * float64(time.Second))
 }
 
 // Middleware applies per-key limits to authenticated requests: requests
 // counts every request, prompts only prompt submissions (POST /prompt and
 // /api/prompt). Either may be nil. Requests without a key name (no keys
-// configured) and public requests (public reports which: the UI's static
-// files must not use up a key's budget) are not limited.
-func Middleware(requests, prompts *Limiter, public func(*http.Request) bool) func(http.Handler) http.Handler {
+// configured) and public requests (the UI's static files must not use up a
+// key's budget) are not limited; it reads both, and the route, from the
+// request's scope.
+func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		if requests == nil && prompts == nil {
 			return next
 		}
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			scope := requestlog.ScopeFrom(r.Context())
+			scope := reqscope.From(r.Context())
 			name := scope.KeyName
-			if name == "" || (public != nil && public(r)) {
+			if name == "" || scope.Route.Access != route.Protected {
 				next.ServeHTTP(w, r)
 				return
 			}
@@ -118,13 +80,11 @@ func Middleware(requests, prompts *Limiter, public func(*http.Request) bool) fun
 				refuse(w, wait, "this API key is over its request rate limit")
 				return
 			}
-			if r.Method == http.MethodPost {
-				if _, kind := route.Of(r.URL.Path); kind == "prompt" {
-					if ok, wait := prompts.Allow(name); !ok {
-						scope.AuthFailure = "rate_limited"
-						refuse(w, wait, "this API key is over its prompt rate limit")
-						return
-					}
+			if r.Method == http.MethodPost && scope.Route.Kind == "prompt" {
+				if ok, wait := prompts.Allow(name); !ok {
+					scope.AuthFailure = "rate_limited"
+					refuse(w, wait, "this API key is over its prompt rate limit")
+					return
 				}
 			}
 			next.ServeHTTP(w, r)

@@ -1,6 +1,7 @@
 package ratelimit
 
 import (
+	"net/netip"
 	"strconv"
 	"testing"
 	"testing/synctest"
@@ -36,10 +37,84 @@ func TestAllow(t *testing.T) {
 // TestBounded: a limiter keyed by client address cannot grow past its cap.
 func TestBounded(t *testing.T) {
 	l := New(1, 1)
-	for i := range maxBuckets + 5000 {
+	for i := range maxEntries + 5000 {
 		l.Allow(strconv.Itoa(i))
 	}
-	if n := len(l.buckets); n > maxBuckets {
-		t.Errorf("%d buckets; cap %d", n, maxBuckets)
+	if n := l.buckets.len(); n > maxEntries {
+		t.Errorf("%d buckets; cap %d", n, maxEntries)
 	}
+}
+
+func TestLockoutCounts(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		l := NewLockout(3, time.Minute)
+		a := netip.MustParseAddr("198.51.100.1")
+		if first, second := l.Fail(a), l.Fail(a); first || second {
+			t.Fatal("locked before the threshold")
+		}
+		time.Sleep(61 * time.Second) // the first two fall out of the window
+		if first, second := l.Fail(a), l.Fail(a); first || second {
+			t.Fatal("old failures still counted")
+		}
+		if !l.Fail(a) {
+			t.Fatal("third failure within the window did not lock")
+		}
+		if left, locked := l.Locked(a); !locked || left != time.Minute {
+			t.Errorf("Locked = %v, %v", left, locked)
+		}
+		// IPv6 is counted per /64.
+		v6 := NewLockout(2, time.Minute)
+		v6.Fail(netip.MustParseAddr("2001:db8::1"))
+		v6.Fail(netip.MustParseAddr("2001:db8::ffff"))
+		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8::42")); !locked {
+			t.Error("rotating addresses within a /64 escaped the lockout")
+		}
+		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8:1::1")); locked {
+			t.Error("another /64 is locked too")
+		}
+		time.Sleep(time.Minute)
+		if _, locked := l.Locked(a); locked {
+			t.Error("still locked after the window")
+		}
+	})
+}
+
+// TestLockoutBounded: an address-spraying client cannot grow the table
+// past its cap.
+func TestLockoutBounded(t *testing.T) {
+	l := NewLockout(10, time.Hour)
+	for i := range maxEntries + 5000 {
+		l.Fail(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
+	}
+	if n := l.clients.len(); n > maxEntries {
+		t.Errorf("%d addresses tracked; cap %d", n, maxEntries)
+	}
+}
+
+// TestTableForgetsIdleFirst: a full table forgets what changes nothing
+// (here, the even keys) before anything else, and at most once a second.
+func TestTableForgetsIdleFirst(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		tb := newTable[int](10, func(v int, _ time.Time) bool { return v%2 == 0 })
+		for i := range 10 {
+			tb.getOrAdd(i, time.Now(), func() int { return i })
+		}
+		tb.getOrAdd(10, time.Now(), func() int { return 11 })
+		if tb.len() != 6 {
+			t.Fatalf("%d entries after the sweep; want 5 odd ones and the new one", tb.len())
+		}
+		for i := 1; i < 10; i += 2 {
+			if _, ok := tb.get(i); !ok {
+				t.Errorf("busy entry %d forgotten", i)
+			}
+		}
+		// Full again within the second: no sweep, arbitrary entries go.
+		for i := 20; tb.len() < 10; i++ {
+			tb.getOrAdd(i, time.Now(), func() int { return 1 })
+		}
+		tb.getOrAdd(99, time.Now(), func() int { return 1 })
+		if n := tb.len(); n > 9 || n < 8 {
+			t.Errorf("%d entries; want down to 90%% of 10, plus the new one", n)
+		}
+	})
 }

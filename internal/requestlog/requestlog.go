@@ -1,6 +1,7 @@
-// Package requestlog writes one structured log line per request and carries
-// the per-request facts that inner handlers learn (which key was used) out to
-// that line.
+// Package requestlog writes one structured log line per request. Its
+// middleware is the outermost layer: it creates the request's scope (package
+// reqscope) with the client address and the route entry, and reads what the
+// inner layers filled in (which key was used) once the request is done.
 package requestlog
 
 import (
@@ -14,41 +15,10 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/comfygate/comfygate/internal/reqscope"
+	"github.com/comfygate/comfygate/internal/route"
 )
-
-// Scope holds facts about one request that inner layers fill in and the
-// access log reads after the request is done. It is not safe for use by
-// several goroutines at once; a request's handlers run one after another.
-type Scope struct {
-	// Client is the client's address (behind trusted proxies, the one they
-	// report).
-	Client netip.Addr
-	// KeyName names the API key that authenticated the request ("" if none).
-	KeyName string
-	// KeyID is the authenticating key's in-process identity (its SHA-256);
-	// it is never logged.
-	KeyID [32]byte
-	// AuthFailure says why the gateway refused the request (missing,
-	// invalid, scope, locked_out, rate_limited, cross_site), or "".
-	AuthFailure string
-	// Upstream names the ComfyUI server the request was sent to ("" if
-	// none).
-	Upstream string
-	// Canceled says the client went away before it was answered; nothing
-	// was sent to it. The line records status 499, nginx's convention.
-	Canceled bool
-}
-
-type scopeKey struct{}
-
-// ScopeFrom returns the request's Scope. Outside a Middleware it returns a
-// throwaway Scope, so callers never need a nil check.
-func ScopeFrom(ctx context.Context) *Scope {
-	if s, ok := ctx.Value(scopeKey{}).(*Scope); ok {
-		return s
-	}
-	return &Scope{}
-}
 
 // StatusClientClosed is the status recorded, never sent, for a request whose
 // client went away before it was answered (nginx's 499).
@@ -68,7 +38,7 @@ type Result struct {
 	BytesIn  int64 // request body bytes read
 	BytesOut int64 // response body bytes written
 	Duration time.Duration
-	Scope    *Scope
+	Scope    *reqscope.Scope
 }
 
 // Observer is told about every finished request (metrics).
@@ -79,12 +49,17 @@ type Observer func(*Result)
 // written, duration, client address and key name. A WebSocket is logged when
 // it closes, with status 101 and its lifetime as the duration, even if the
 // handler returned before (see recorder.Hijack).
-func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver, observe Observer) func(http.Handler) http.Handler {
+//
+// It gives every request its reqscope.Scope, with the client address that
+// client resolves and the route entry of route.Classify (protectWS is
+// passed on to it), for the inner layers to read and fill in.
+func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver, protectWS bool, observe Observer) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			// Everything a request needs here is one allocation.
 			e := &entry{logger: logger, redact: redact, observe: observe, start: time.Now()}
 			e.scope.Client = client(r)
+			e.scope.Route = route.Classify(r, protectWS)
 			e.rec.ResponseWriter, e.rec.e = w, e
 			// The path as sent (escaped), so a log shows /assets/%2e%2e/x,
 			// not the decoded /assets/../x.
@@ -99,7 +74,7 @@ func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver, obs
 			// body fails midway with a panic (http.ErrAbortHandler), and
 			// that request deserves its line too.
 			defer e.handlerDone(r.Context())
-			next.ServeHTTP(&e.rec, r.WithContext(context.WithValue(r.Context(), scopeKey{}, &e.scope)))
+			next.ServeHTTP(&e.rec, r.WithContext(reqscope.NewContext(r.Context(), &e.scope)))
 		})
 	}
 }
@@ -113,7 +88,7 @@ type entry struct {
 
 	method, path, rawPath, query string
 
-	scope   Scope
+	scope   reqscope.Scope
 	rec     recorder
 	body    countingBody
 	hasBody bool
@@ -130,7 +105,7 @@ type entry struct {
 }
 
 // handlerDone runs when the handler returns (or panics). A handler aborted
-// because its client left (see Scope.Canceled) is no failure of the
+// because its client left (see reqscope.Scope.Canceled) is no failure of the
 // gateway's, and is logged as an ordinary line.
 func (e *entry) handlerDone(ctx context.Context) {
 	if p := recover(); p != nil {

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/comfygate/comfygate/internal/reqscope"
 )
 
 type lockedBuffer struct {
@@ -31,13 +33,17 @@ func (l *lockedBuffer) String() string { l.mu.Lock(); defer l.mu.Unlock(); retur
 func newLogged(h http.Handler) (http.Handler, *lockedBuffer) {
 	var out lockedBuffer
 	mw := Middleware(slog.New(slog.NewJSONHandler(&out, nil)), func(q string) string { return q },
-		func(*http.Request) netip.Addr { return netip.MustParseAddr("127.0.0.1") }, nil)
+		func(*http.Request) netip.Addr { return netip.MustParseAddr("127.0.0.1") }, false, nil)
 	return mw(h), &out
 }
 
 func TestLineFields(t *testing.T) {
 	h, out := newLogged(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ScopeFrom(r.Context()).KeyName = "ci"
+		scope := reqscope.From(r.Context())
+		if scope.Route.Label != "/prompt" || scope.Client.String() != "127.0.0.1" {
+			t.Errorf("scope %+v; want the /prompt entry and the client", scope)
+		}
+		scope.KeyName = "ci"
 		w.WriteHeader(201)
 		w.Write([]byte("hello"))
 	}))

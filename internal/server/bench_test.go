@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/comfygate/comfygate/internal/auth"
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 // Benchmarks in two tiers (see docs/benchmarks.md):
@@ -110,11 +111,9 @@ func BenchmarkKeyCheck_All(b *testing.B) {
 		if _, ok := ks.Lookup(creds[0].Value); !ok {
 			b.Fatal("key not found")
 		}
-		p := req.URL.EscapedPath()
-		if auth.Classify(req.Method, p, req.Header, true) != auth.Protected {
+		if route.Classify(req, true).Access != route.Protected { // the scope comes with it
 			b.Fatal("not protected")
 		}
-		auth.RequiredScope(req.Method, p)
 		out := req.Clone(req.Context()) // what ReverseProxy does anyway
 		auth.Strip(out)
 	}
@@ -140,9 +139,7 @@ func BenchmarkKeyCheck_ClassifyScope(b *testing.B) {
 	req := keyCheckRequest()
 	b.ReportAllocs()
 	for b.Loop() {
-		p := req.URL.EscapedPath()
-		auth.Classify(req.Method, p, req.Header, true)
-		auth.RequiredScope(req.Method, p)
+		route.Classify(req, true)
 	}
 }
 

@@ -3,11 +3,13 @@ package server
 import (
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
-	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/proxy"
+	"github.com/comfygate/comfygate/internal/reqscope"
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 // allowedMethods are the methods ComfyUI and its custom nodes use. Anything
@@ -24,15 +26,14 @@ const allowHeader = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 type guardOptions struct {
 	// BodyTimeout is how long a request body may go without a byte.
 	BodyTimeout time.Duration
-	// ProtectWS: /ws needs a key (see auth.Classify).
-	ProtectWS bool
 	// CORSOrigin is --enable-cors-header ("" when off).
 	CORSOrigin string
 }
 
 // guard refuses what ComfyUI never needs before it reaches any other layer,
 // and bounds request bodies:
-//   - methods other than those in allowedMethods get 405;
+//   - methods other than those in allowedMethods get 405, and a request
+//     target that is not a path (OPTIONS *, a:b) gets 400;
 //   - a body on a public GET or HEAD (the UI page, static files, /ws) gets
 //     400, rather than being streamed to ComfyUI without a key;
 //   - a CORS preflight for a protected route is answered here (ComfyUI
@@ -52,15 +53,23 @@ func guard(opts guardOptions) Middleware {
 					"this method is not allowed; ComfyUI uses "+allowHeader)
 				return
 			}
+			if r.URL.Opaque != "" || !strings.HasPrefix(r.URL.Path, "/") {
+				// "OPTIONS *", "GET a:b": forms ComfyUI has no route for,
+				// and whose path the gateway would have to guess.
+				w.Header().Set("Connection", "close")
+				jsonerr.Write(w, http.StatusBadRequest, "bad_request", "the request target must be a path such as /prompt")
+				return
+			}
 			hasBody := r.ContentLength != 0 || len(r.TransferEncoding) > 0
-			if hasBody && (r.Method == http.MethodGet || r.Method == http.MethodHead) &&
-				auth.Classify(r.Method, r.URL.EscapedPath(), r.Header, opts.ProtectWS) != auth.Protected {
+			// The route entry requestlog classified: a public request is a
+			// GET or HEAD, a preflight may go on only for a public path.
+			entry := reqscope.From(r.Context()).Route
+			if hasBody && entry.Access == route.Public {
 				w.Header().Set("Connection", "close")
 				jsonerr.Write(w, http.StatusBadRequest, "bad_request", "a GET or HEAD request must not have a body")
 				return
 			}
-			if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" &&
-				auth.Classify(http.MethodGet, r.URL.EscapedPath(), r.Header, opts.ProtectWS) != auth.Public {
+			if entry.Access == route.Preflight && !entry.PublicPath {
 				if opts.CORSOrigin != "" {
 					proxy.SetCORS(w.Header(), opts.CORSOrigin)
 				}

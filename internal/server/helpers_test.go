@@ -68,11 +68,24 @@ func (s *syncBuffer) String() string {
 // ComfyUI) and stops it at the end of the test.
 func start(t *testing.T, fakeOpts comfytest.Options, args ...string) *gateway {
 	t.Helper()
+	return startTuned(t, fakeOpts, nil, args...)
+}
+
+// startTuned is start with tune applied to the loaded configuration, for
+// the durations that are not flags (config.Config.HealthTTL and
+// KeyPollInterval): tests shorten them rather than wait them out.
+func startTuned(t *testing.T, fakeOpts comfytest.Options, tune func(*config.Config), args ...string) *gateway {
+	t.Helper()
 	fake := comfytest.New(t, fakeOpts)
-	return startWith(t, fake, append([]string{"--upstream", fake.URL()}, args...)...)
+	return serve(t, fake, tune, append([]string{"--upstream", fake.URL()}, args...))
 }
 
 func startWith(t *testing.T, fake *comfytest.Fake, args ...string) *gateway {
+	t.Helper()
+	return serve(t, fake, nil, args)
+}
+
+func serve(t *testing.T, fake *comfytest.Fake, tune func(*config.Config), args []string) *gateway {
 	t.Helper()
 	// The background check of ComfyUI runs once at start and then, unless a
 	// test asks otherwise, not again: tests count what the fake received.
@@ -80,6 +93,9 @@ func startWith(t *testing.T, fake *comfytest.Fake, args ...string) *gateway {
 	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
 	if err != nil {
 		t.Fatalf("config: %v", err)
+	}
+	if tune != nil {
+		tune(cfg)
 	}
 	logs := &syncBuffer{}
 	logger := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))

@@ -16,9 +16,12 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/comfytest"
+	"github.com/comfygate/comfygate/internal/config"
+	"github.com/comfygate/comfygate/internal/route"
 )
 
 // Team keys used by these tests.
@@ -38,30 +41,30 @@ func teamKeyFile(t *testing.T) string {
 }
 
 // wantScope is the scope table of docs/keys.md, written out independently of
-// auth.RequiredScope so that a change to either shows up here.
-func wantScope(method, path string) auth.Scope {
+// the route table (package route) so that a change to either shows up here.
+func wantScope(method, path string) route.Scope {
 	p := strings.SplitN(path, "?", 2)[0]
 	p = strings.TrimPrefix(p, "/api")
 	switch {
 	case method == "GET" && (p == "/internal/logs" || p == "/internal/folder_paths" ||
 		strings.HasPrefix(p, "/manager/") || strings.HasPrefix(p, "/snapshot/") ||
 		p == "/assets" || p == "/tags" || p == "/some_custom_node/route" || p == "/no/such/path"):
-		return auth.ScopeAdmin
+		return route.ScopeAdmin
 	case method == "GET":
-		return auth.ScopeRead
+		return route.ScopeRead
 	case method == "POST" && (p == "/prompt" || p == "/upload/image" || p == "/upload/mask" ||
 		p == "/interrupt" || p == "/queue" || p == "/history" || p == "/jobs/abc/cancel"):
-		return auth.ScopeSubmit
+		return route.ScopeSubmit
 	}
-	return auth.ScopeAdmin
+	return route.ScopeAdmin
 }
 
 func TestScopesOverRouteTable(t *testing.T) {
 	g := start(t, comfytest.Options{}, "--api-key-file", teamKeyFile(t))
 	keys := []struct {
 		key   string
-		scope auth.Scope
-	}{{readKey, auth.ScopeRead}, {submitKey, auth.ScopeSubmit}, {adminKey, auth.ScopeAdmin}}
+		scope route.Scope
+	}{{readKey, route.ScopeRead}, {submitKey, route.ScopeSubmit}, {adminKey, route.ScopeAdmin}}
 	for _, rt := range comfyRoutes {
 		for _, prefix := range []string{"", "/api"} {
 			target := prefix + rt.path
@@ -111,11 +114,35 @@ func status(t *testing.T, g *gateway, key string) int {
 	return resp.StatusCode
 }
 
+// keyReloads reads comfygate_key_reloads_total{result=result}: every
+// reload attempt that applied a change or failed moves it, after the keys
+// have been swapped (or kept).
+func keyReloads(t *testing.T, g *gateway, result string) float64 {
+	t.Helper()
+	return testutil.ToFloat64(mustCounter(t, g.Server.Metrics().Registry(), "comfygate_key_reloads_total", "result", result))
+}
+
+// replaceFile puts content at path with a rename, so that the watcher never
+// reads a half-written file.
+func replaceFile(t *testing.T, path, content string) {
+	t.Helper()
+	tmp := filepath.Join(filepath.Dir(path), ".keys.tmp")
+	if err := os.WriteFile(tmp, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// fastKeyPoll checks the key file every 10ms instead of every second.
+func fastKeyPoll(c *config.Config) { c.KeyPollInterval = 10 * time.Millisecond }
+
 func TestReloadOnEdit(t *testing.T) {
 	dir := t.TempDir()
 	file := filepath.Join(dir, "keys")
 	os.WriteFile(file, []byte("alice:"+submitKey+"\n"), 0o600)
-	g := start(t, comfytest.Options{}, "--api-key-file", file, "--lockout-attempts", "0")
+	g := startTuned(t, comfytest.Options{}, fastKeyPoll, "--api-key-file", file, "--lockout-attempts", "0")
 	if s := status(t, g, submitKey); s != 200 {
 		t.Fatalf("alice before: %d", s)
 	}
@@ -128,25 +155,34 @@ func TestReloadOnEdit(t *testing.T) {
 	}
 
 	// Atomic replace, as editors do: write a temporary file, rename it over.
-	tmp := filepath.Join(dir, ".keys.tmp")
-	os.WriteFile(tmp, []byte("carol:"+readKey+" read\n"), 0o600)
-	os.Rename(tmp, file)
+	replaceFile(t, file, "carol:"+readKey+" read\n")
 	eventually(t, 3*time.Second, "the renamed file was not applied", func() bool { return status(t, g, readKey) == 200 })
 	if s := status(t, g, adminKey); s != 401 {
 		t.Errorf("bob after replace: %d; want 401", s)
 	}
 
-	// A broken file keeps the keys in force.
-	os.WriteFile(file, []byte("carol:"+readKey+" read\ndave:bad key with spaces\n"), 0o600)
-	eventually(t, 3*time.Second, "the broken file was not reported", func() bool {
-		return strings.Contains(g.logs.String(), "key file not reloaded")
-	})
+	// A broken file keeps the keys in force. The assertions wait for the
+	// failed reload, so that they test a reload that ran.
+	failed := keyReloads(t, g, "failed")
+	replaceFile(t, file, "carol:"+readKey+" read\ndave:bad key with spaces\n")
+	eventually(t, 3*time.Second, "the broken file was not reported", func() bool { return keyReloads(t, g, "failed") == failed+1 })
+	if !strings.Contains(g.logs.String(), "key file not reloaded") {
+		t.Errorf("no log line for the broken file:\n%s", g.logs)
+	}
 	if s := status(t, g, readKey); s != 200 {
 		t.Errorf("carol after a broken edit: %d; want 200", s)
 	}
+
+	// Fixed again, so that the next failure is reported afresh (a file
+	// that stays bad is reported once).
+	ok := keyReloads(t, g, "ok")
+	replaceFile(t, file, "carol:"+readKey+" read\n")
+	eventually(t, 3*time.Second, "the fixed file was not applied", func() bool { return keyReloads(t, g, "ok") == ok+1 })
+
 	// So does an empty one: no keys must never mean no authentication.
-	os.WriteFile(file, []byte("# all keys removed by mistake\n"), 0o600)
-	time.Sleep(1500 * time.Millisecond)
+	failed = keyReloads(t, g, "failed")
+	replaceFile(t, file, "# all keys removed by mistake\n")
+	eventually(t, 3*time.Second, "the emptied file was not reported", func() bool { return keyReloads(t, g, "failed") == failed+1 })
 	if s := status(t, g, readKey); s != 200 {
 		t.Errorf("carol after emptying the file: %d; want 200 (previous keys kept)", s)
 	}
@@ -166,7 +202,7 @@ func TestReloadKubernetesSecret(t *testing.T) {
 	}
 	os.Symlink("..2026_v1", filepath.Join(dir, "..data"))
 	os.Symlink("..data/keys", filepath.Join(dir, "keys"))
-	g := start(t, comfytest.Options{}, "--api-key-file", filepath.Join(dir, "keys"), "--lockout-attempts", "0")
+	g := startTuned(t, comfytest.Options{}, fastKeyPoll, "--api-key-file", filepath.Join(dir, "keys"), "--lockout-attempts", "0")
 	if s := status(t, g, submitKey); s != 200 {
 		t.Fatalf("v1 key: %d", s)
 	}

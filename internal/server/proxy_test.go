@@ -17,12 +17,14 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/coder/websocket"
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/comfygate/comfygate/internal/comfytest"
+	"github.com/comfygate/comfygate/internal/config"
 )
 
 func TestUpstreamDown(t *testing.T) {
@@ -41,9 +43,14 @@ func TestUpstreamDown(t *testing.T) {
 	}
 }
 
+// noHealthSharing makes every /health call check ComfyUI afresh, so that
+// tests need not wait for a shared result to expire.
+func noHealthSharing(c *config.Config) { c.HealthTTL = time.Nanosecond }
+
 // TestHealth covers the seed's /health shape and the unhealthy cases.
 func TestHealth(t *testing.T) {
-	g := start(t, comfytest.Options{Version: "0.8.0"}, "--api-key-file", keyFile(t, testKey2), "--health-timeout", "300ms")
+	g := startTuned(t, comfytest.Options{Version: "0.8.0"}, noHealthSharing,
+		"--api-key-file", keyFile(t, testKey2), "--health-timeout", "300ms")
 	resp, body := do(t, "GET", g.URL+"/health", nil)
 	if resp.StatusCode != 200 {
 		t.Fatalf("status %d: %s", resp.StatusCode, body)
@@ -78,7 +85,6 @@ func TestHealth(t *testing.T) {
 
 	// A busy server.
 	g.Fake.SetQueue(1, 3)
-	time.Sleep(1100 * time.Millisecond) // past the shared result's lifetime
 	_, body = do(t, "GET", g.URL+"/health", nil)
 	if !strings.Contains(string(body), `"queue":{"pending":3,"running":1}`) {
 		t.Errorf("busy: %s", body)
@@ -100,7 +106,6 @@ func TestHealth(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			g.Fake.ClearOverrides()
 			tt.setup()
-			time.Sleep(1100 * time.Millisecond)
 			resp, body := do(t, "GET", g.URL+"/health", nil)
 			if resp.StatusCode != http.StatusServiceUnavailable {
 				t.Fatalf("status %d; want 503: %s", resp.StatusCode, body)
@@ -125,38 +130,42 @@ func TestHealthDown(t *testing.T) {
 }
 
 // TestHealthSharedUnderLoad: concurrent and back-to-back calls make one
-// check of ComfyUI.
+// check of ComfyUI. It runs the chain in process inside a synctest bubble,
+// with the fake ComfyUI in process too: there is no start-up check whose
+// shared result must expire first, and the count is exact.
 func TestHealthSharedUnderLoad(t *testing.T) {
-	g := start(t, comfytest.Options{})
-	g.Fake.SetDelay("/system_stats", 100*time.Millisecond)
-	time.Sleep(1100 * time.Millisecond) // let the start-up check's shared result expire
-	g.Fake.Reset()
-	var wg sync.WaitGroup
-	for range 100 {
-		wg.Go(func() {
-			resp, err := client.Get(g.URL + "/health")
-			if err != nil {
-				t.Error(err)
-				return
+	synctest.Test(t, func(t *testing.T) {
+		fake := comfytest.NewFake(comfytest.Options{})
+		fake.SetDelay("/system_stats", 100*time.Millisecond)
+		srv, err := newServer(loadConfig(t), discardLogger(), "test", nil, inProcess(fake))
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv.health.SetClient(&http.Client{Transport: inProcess(fake)})
+		h := srv.Handler()
+		get := func() {
+			w := httptest.NewRecorder()
+			h.ServeHTTP(w, httptest.NewRequest("GET", "http://gw/health", nil))
+			if w.Code != 200 {
+				t.Errorf("status %d: %s", w.Code, w.Body)
 			}
-			io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != 200 {
-				t.Errorf("status %d", resp.StatusCode)
-			}
-		})
-	}
-	wg.Wait()
-	for range 20 {
-		do(t, "GET", g.URL+"/health", nil)
-	}
-	counts := map[string]int{}
-	for _, r := range g.Fake.Requests() {
-		counts[r.Path]++
-	}
-	if counts["/system_stats"] != 1 || counts["/queue"] != 1 {
-		t.Errorf("ComfyUI saw %v for 120 /health calls; want one of each", counts)
-	}
+		}
+		var wg sync.WaitGroup
+		for range 100 {
+			wg.Go(get)
+		}
+		wg.Wait()
+		for range 20 {
+			get()
+		}
+		counts := map[string]int{}
+		for _, r := range fake.Requests() {
+			counts[r.Path]++
+		}
+		if counts["/system_stats"] != 1 || counts["/queue"] != 1 {
+			t.Errorf("ComfyUI saw %v for 120 /health calls; want one of each", counts)
+		}
+	})
 }
 
 // patternReader is a large ReadSeeker that holds nothing in memory. Reads

@@ -85,12 +85,13 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	})
 	s.health = health.New(cfg.Upstream, health.Options{
 		Timeout:        cfg.HealthTimeout,
+		TTL:            cfg.HealthTTL,
 		GatewayVersion: version,
 		Logger:         logger,
 	})
 	s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
 	s.keys.OnChange(s.keysChanged)
-	lockout := auth.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
+	lockout := ratelimit.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
 
 	// comfygate's own endpoints. The probes never need a key; /metrics is
 	// behind the key on the main listener, or on --metrics-listen without.
@@ -108,12 +109,12 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			own[p] = h
 		}
 		s.metricsHandler = Chain(routes(own, http.NotFoundHandler()),
-			requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, nil))
+			requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, cfg.ProtectWS, nil))
 	}
 
 	// Browser login, when keys are configured: /login and /logout, and
 	// session cookies accepted in place of a key.
-	authOpts := auth.Options{ProtectWS: cfg.ProtectWS, Lockout: lockout, OnLockout: s.lockedOut}
+	authOpts := auth.Options{Lockout: lockout, OnLockout: s.lockedOut}
 	loginRoutes := func(next http.Handler) http.Handler { return next }
 	if cfg.Login && len(cfg.Keys) > 0 {
 		s.sessions = session.NewStore(cfg.SessionTTL)
@@ -140,8 +141,10 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	}
 
 	// The chain, outermost first:
-	//   requestlog  one line per request (client address resolved once,
-	//               key names and redacted paths only) and the metrics
+	//   requestlog  the request's scope, with the client address and the
+	//               route entry (route.Classify), each found once; one line
+	//               per request (key names and redacted paths only) and
+	//               the metrics
 	//   routes      the probes, never behind the key
 	//   guard       methods ComfyUI never needs, bodies on public GETs,
 	//               preflights for protected routes, body deadlines
@@ -153,19 +156,16 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	//   proxy       ComfyUI, credentials stripped, bodies capped
 	s.handler = Chain(
 		routes(public, Chain(upstream,
-			guard(guardOptions{BodyTimeout: cfg.BodyTimeout, ProtectWS: cfg.ProtectWS, CORSOrigin: cfg.CORSOrigin}),
+			guard(guardOptions{BodyTimeout: cfg.BodyTimeout, CORSOrigin: cfg.CORSOrigin}),
 			s.audit.Middleware(),
 			loginRoutes,
 			auth.Middleware(s.keys, authOpts),
 			ratelimit.Middleware(
 				ratelimit.New(cfg.KeyRateLimit, cfg.KeyRateLimit),
 				ratelimit.New(cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
-				func(r *http.Request) bool {
-					return auth.Classify(r.Method, r.URL.EscapedPath(), r.Header, cfg.ProtectWS) != auth.Protected
-				},
 			),
 		)),
-		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, s.metrics.Observe),
+		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, cfg.ProtectWS, s.metrics.Observe),
 	)
 	return s, nil
 }
@@ -321,7 +321,7 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	var wg sync.WaitGroup
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	wg.Go(func() { s.keys.Watch(watchCtx, time.Second) })
+	wg.Go(func() { s.keys.Watch(watchCtx, s.cfg.KeyPollInterval) })
 	wg.Go(func() { s.monitor.Run(watchCtx) })
 	var metricsSrv *http.Server
 	if metricsLn != nil && s.metricsHandler != nil {

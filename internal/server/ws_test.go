@@ -1,12 +1,16 @@
 package server
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
+	"io"
+	"net"
 	"net/http"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -264,13 +268,14 @@ func TestShutdownClosesWebSocketsGoingAway(t *testing.T) {
 }
 
 // TestLongIdleWebSocket: the gateway sets no deadline on an upgraded
-// connection, so a socket silent longer than the server's idle and
-// read-header timeouts stays open.
+// connection, so a socket silent longer than the server's read-header and
+// idle timeouts (and the body timeout) stays open. The timeouts are short
+// here, and the test waits until they have closed a stalled request and an
+// idle keep-alive connection opened after the socket, rather than sleeping.
 func TestLongIdleWebSocket(t *testing.T) {
-	if testing.Short() {
-		t.Skip("waits 12s")
-	}
-	g := start(t, comfytest.Options{})
+	const timeout = 200 * time.Millisecond
+	g := start(t, comfytest.Options{}, "--header-timeout", timeout.String(), "--idle-timeout", timeout.String(),
+		"--body-timeout", timeout.String())
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
 	defer cancel()
 	c, _, err := dialWS(ctx, g, "/ws?clientId=idle", nil, nil)
@@ -279,7 +284,28 @@ func TestLongIdleWebSocket(t *testing.T) {
 	}
 	defer c.CloseNow()
 	readJSON(t, ctx, c)
-	time.Sleep(12 * time.Second) // longer than ReadHeaderTimeout (10s)
+
+	// A request whose headers never end, and a keep-alive connection that
+	// goes idle after one answer: the server closes both once its timeouts
+	// have run out.
+	stalled := dialRaw(t, g.Addr)
+	if _, err := io.WriteString(stalled, "GET /health/live HTTP/1.1\r\nHost: gw\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	idle := dialRaw(t, g.Addr)
+	if _, err := io.WriteString(idle, "GET /health/live HTTP/1.1\r\nHost: gw\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(idle)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	waitClosedByServer(t, "a request with unfinished headers (--header-timeout)", stalled, stalled)
+	waitClosedByServer(t, "an idle keep-alive connection (--idle-timeout)", idle, br)
+
 	if err := g.Fake.Send("idle", false, []byte(`{"type":"executing","data":{"node":null}}`)); err != nil {
 		t.Fatal(err)
 	}
@@ -288,5 +314,26 @@ func TestLongIdleWebSocket(t *testing.T) {
 	}
 	if err := c.Close(websocket.StatusNormalClosure, ""); err != nil && !errors.Is(err, context.Canceled) {
 		t.Logf("close: %v", err)
+	}
+}
+
+// dialRaw opens a TCP connection to addr, closed at the end of the test.
+func dialRaw(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// waitClosedByServer reads conn (through r) to its end, and fails if the
+// server has not closed it within 10s.
+func waitClosedByServer(t *testing.T, what string, conn net.Conn, r io.Reader) {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, r); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the server did not close %s", what)
 	}
 }

@@ -1,35 +1,9 @@
-package auth
+package route
 
 import (
-	"net/http"
 	"path"
 	"strings"
 )
-
-// Access is what a request needs to pass the gateway.
-type Access int
-
-const (
-	// Protected requests need a valid key.
-	Protected Access = iota
-	// Public requests pass without a key: the web UI page and its static
-	// assets, and the WebSocket unless ProtectWS is set.
-	Public
-	// Preflight is a CORS preflight (OPTIONS with Access-Control-Request-Method).
-	// Browsers never attach credentials to it, and ComfyUI answers every
-	// OPTIONS with an empty 200 before any handler runs, so it passes.
-	Preflight
-)
-
-func (a Access) String() string {
-	switch a {
-	case Public:
-		return "public"
-	case Preflight:
-		return "preflight"
-	}
-	return "protected"
-}
 
 // Directories of the ComfyUI frontend's static files. ComfyUI serves these
 // from its static routes; none of them is an API route.
@@ -62,49 +36,13 @@ var rootExts = map[string]bool{
 	".png": true, ".svg": true, ".webmanifest": true, ".txt": true,
 }
 
-// Classify decides what r needs. escapedPath must be the path exactly as the
-// client sent it (r.URL.EscapedPath()).
-//
-// A request is public only if it is a GET or HEAD whose path is in plain
-// canonical form and names the UI page, a static asset or the WebSocket. Any
-// path ComfyUI might read differently from us (dot segments, empty segments,
-// encoded '/', '\\', '.' or '%', backslashes, control characters) is
-// protected, so a trick can at most make a public request need a key, never
-// the reverse.
-func Classify(method, escapedPath string, h http.Header, protectWS bool) Access {
-	if method == http.MethodOptions && h.Get("Access-Control-Request-Method") != "" {
-		return Preflight
-	}
-	if method != http.MethodGet && method != http.MethodHead {
-		return Protected
-	}
-	p, ok := canonicalPath(escapedPath, false)
-	if !ok {
-		return Protected
-	}
-	switch p {
-	case "/":
-		return Public
-	case "/ws", "/api/ws":
-		if protectWS {
-			return Protected
-		}
-		return Public
-	}
-	if isStaticAsset(p) {
-		return Public
-	}
-	return Protected
-}
-
 // canonicalPath decodes escapedPath and reports whether it is in the plain
 // form that every router reads the same way.
 //
 // With forScope, an encoded '%' and encoded non-ASCII bytes (UTF-8 file
 // names) are accepted too: decoded, they cannot form a separator or a dot
 // segment, so they cannot move a path to another route. Public/protected
-// decisions stay strict; only the scope check of a request that already
-// has a valid key uses this.
+// decisions stay strict; only the scope and label of a request use this.
 func canonicalPath(escapedPath string, forScope bool) (string, bool) {
 	if escapedPath == "" || escapedPath[0] != '/' {
 		return "", false
@@ -152,6 +90,8 @@ func canonicalPath(escapedPath string, forScope bool) (string, bool) {
 	return p, true
 }
 
+// isStaticAsset reports whether the canonical path p names a file of the
+// web UI: one with a static type under a static directory, or at the root.
 func isStaticAsset(p string) bool {
 	ext := path.Ext(p)
 	if ext == "" {
