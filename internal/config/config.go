@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -497,7 +498,9 @@ func readKeyFile(path string) ([]auth.Key, []string, error) {
 		if st.IsDir() {
 			return nil, nil, fmt.Errorf("%s is a directory, not a key file", path)
 		}
-		if st.Mode().Perm()&0o077 != 0 {
+		// Windows has no such mode bits (Go reports every file as 0666 or
+		// 0444); who may read the file is up to its ACL there.
+		if runtime.GOOS != "windows" && st.Mode().Perm()&0o077 != 0 {
 			warnings = append(warnings, fmt.Sprintf("key file %s can be read by other users (mode %04o); run chmod 600 %s", path, st.Mode().Perm(), path))
 		}
 	}

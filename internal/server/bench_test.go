@@ -10,7 +10,6 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -187,12 +186,6 @@ func benchGateway(b *testing.B, upstream string, args ...string) string {
 		<-done
 	})
 	return "http://" + ln.Addr().String()
-}
-
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // e2e measures sequential requests (concurrency 1): per-request latency
