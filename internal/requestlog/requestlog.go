@@ -33,7 +33,6 @@ type ClientResolver func(*http.Request) netip.Addr
 // Result is what an Observer learns about a finished request.
 type Result struct {
 	Method   string
-	Path     string // r.URL.Path, decoded, without the query
 	Status   int
 	BytesIn  int64 // request body bytes read
 	BytesOut int64 // response body bytes written
@@ -63,7 +62,7 @@ func Middleware(logger *slog.Logger, redact Redactor, client ClientResolver, pro
 			e.rec.ResponseWriter, e.rec.e = w, e
 			// The path as sent (escaped), so a log shows /assets/%2e%2e/x,
 			// not the decoded /assets/../x.
-			e.path, e.rawPath, e.query, e.method = r.URL.Path, r.URL.EscapedPath(), r.URL.RawQuery, r.Method
+			e.rawPath, e.query, e.method = r.URL.EscapedPath(), r.URL.RawQuery, r.Method
 			if r.Body != nil && r.Body != http.NoBody {
 				e.body.ReadCloser = r.Body
 				e.hasBody = true
@@ -86,7 +85,7 @@ type entry struct {
 	observe Observer
 	start   time.Time
 
-	method, path, rawPath, query string
+	method, rawPath, query string
 
 	scope   reqscope.Scope
 	rec     recorder
@@ -134,7 +133,7 @@ func (e *entry) finish(ctx context.Context, aborted bool) {
 	}
 	elapsed := now.Sub(e.start)
 	if e.observe != nil {
-		e.res = Result{Method: e.method, Path: e.path, Status: status, BytesOut: e.rec.bytes, Duration: elapsed, Scope: &e.scope}
+		e.res = Result{Method: e.method, Status: status, BytesOut: e.rec.bytes, Duration: elapsed, Scope: &e.scope}
 		if e.hasBody {
 			e.res.BytesIn = e.body.n
 		}

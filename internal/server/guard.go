@@ -48,16 +48,13 @@ func guard(opts guardOptions) Middleware {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !allowedMethods[r.Method] {
 				w.Header().Set("Allow", allowHeader)
-				w.Header().Set("Connection", "close")
-				jsonerr.Write(w, http.StatusMethodNotAllowed, "method_not_allowed",
-					"this method is not allowed; ComfyUI uses "+allowHeader)
+				refuse(w, http.StatusMethodNotAllowed, "method_not_allowed", "this method is not allowed; ComfyUI uses "+allowHeader)
 				return
 			}
 			if r.URL.Opaque != "" || !strings.HasPrefix(r.URL.Path, "/") {
 				// "OPTIONS *", "GET a:b": forms ComfyUI has no route for,
 				// and whose path the gateway would have to guess.
-				w.Header().Set("Connection", "close")
-				jsonerr.Write(w, http.StatusBadRequest, "bad_request", "the request target must be a path such as /prompt")
+				refuse(w, http.StatusBadRequest, "bad_request", "the request target must be a path such as /prompt")
 				return
 			}
 			hasBody := r.ContentLength != 0 || len(r.TransferEncoding) > 0
@@ -65,8 +62,7 @@ func guard(opts guardOptions) Middleware {
 			// GET or HEAD, a preflight may go on only for a public path.
 			entry := reqscope.From(r.Context()).Route
 			if hasBody && entry.Access == route.Public {
-				w.Header().Set("Connection", "close")
-				jsonerr.Write(w, http.StatusBadRequest, "bad_request", "a GET or HEAD request must not have a body")
+				refuse(w, http.StatusBadRequest, "bad_request", "a GET or HEAD request must not have a body")
 				return
 			}
 			if entry.Access == route.Preflight && !entry.PublicPath {
@@ -96,6 +92,13 @@ func guard(opts guardOptions) Middleware {
 			}
 		})
 	}
+}
+
+// refuse answers with the gateway's JSON error and closes the connection
+// after it: what the client sent next on it is not to be trusted.
+func refuse(w http.ResponseWriter, status int, code, message string) {
+	w.Header().Set("Connection", "close")
+	jsonerr.Write(w, status, code, message)
 }
 
 // deadlineBody moves the connection's read deadline BodyTimeout ahead
