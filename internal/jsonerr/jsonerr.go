@@ -33,7 +33,9 @@ func Write(w http.ResponseWriter, status int, code, message string) {
 	h.Set("Content-Type", "application/json; charset=utf-8")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Cache-Control", "no-store")
-	h.Del("Content-Length")
+	// A known length lets a refusal be flushed whole before its
+	// connection is closed (see server's lingering close).
+	h.Set("Content-Length", strconv.Itoa(buf.Len()))
 	w.WriteHeader(status)
 	w.Write(buf.Bytes())
 }

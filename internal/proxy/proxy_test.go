@@ -1260,7 +1260,9 @@ func TestForwardResponseHeaderTimeout(t *testing.T) {
 		res, body = tp.get(t, "/history")
 		elapsed := time.Since(start)
 		wantGatewayError(t, res, body, http.StatusGatewayTimeout, "upstream_timeout")
-		if elapsed >= 2*timeout {
+		// A retry on a fresh connection would be seen in the count below;
+		// the time bound is generous, for a busy machine.
+		if elapsed < timeout || elapsed > timeout+time.Second {
 			t.Errorf("504 after %v; want about %v", elapsed, timeout)
 		}
 		if n := len(u.requests()); n != 2 {
@@ -1282,8 +1284,8 @@ func TestForwardResponseHeaderTimeout(t *testing.T) {
 	})
 }
 
-// TestForwardLargeBody pins the body copy with a known length, through the
-// splice path above spliceMin and the buffered one below it: the body
+// TestForwardLargeBody pins the body copy with a known length, in large
+// buffers above largeBufferSize and small ones below it: the body
 // arrives byte for byte and the connection stays in step, and a body that
 // ComfyUI cuts short is an error for the client, never a response that
 // looks complete.

@@ -2,6 +2,7 @@ package server
 
 import (
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"time"
@@ -28,6 +29,10 @@ type guardOptions struct {
 	BodyTimeout time.Duration
 	// CORSOrigin is --enable-cors-header ("" when off).
 	CORSOrigin string
+	// Via is the gateway's name in the Via header it adds upstream.
+	Via string
+	// Logger is told of request loops.
+	Logger *slog.Logger
 }
 
 // guard refuses what ComfyUI never needs before it reaches any other layer,
@@ -41,14 +46,26 @@ type guardOptions struct {
 //     route goes on to ComfyUI;
 //   - a request body that goes BodyTimeout without a byte ends the request
 //     (the client that sends headers and then nothing);
-//   - a request refused with its body unread is answered and its connection
-//     closed, instead of net/http reading up to 256 KiB of it first.
+//   - a request that this gateway already forwarded (its own Via name is
+//     in the Via header: an --upstream that leads back to it) gets 508
+//     once, instead of going round until file descriptors run out;
+//   - a request refused with its body unread (401, 413, ...) is answered
+//     and its connection closed with a lingering close (lingerClose),
+//     instead of net/http reading up to 256 KiB of it first or resetting
+//     the connection under the client's feet.
 func guard(opts guardOptions) Middleware {
 	return func(next http.Handler) http.Handler {
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if !allowedMethods[r.Method] {
 				w.Header().Set("Allow", allowHeader)
 				refuse(w, http.StatusMethodNotAllowed, "method_not_allowed", "this method is not allowed; ComfyUI uses "+allowHeader)
+				return
+			}
+			if opts.Via != "" && proxy.LoopDetected(r, opts.Via) {
+				opts.Logger.Warn("request loop: this gateway received a request it forwarded itself; --upstream must be ComfyUI, not comfygate",
+					"method", r.Method, "path", r.URL.Path)
+				refuse(w, http.StatusLoopDetected, "loop_detected",
+					"the request came back to the gateway that forwarded it: its --upstream points at itself")
 				return
 			}
 			if r.URL.Opaque != "" || !strings.HasPrefix(r.URL.Path, "/") {
@@ -86,12 +103,66 @@ func guard(opts guardOptions) Middleware {
 			r.Body = body
 			next.ServeHTTP(w, r)
 			if !body.done && w.Header().Get("Connection") == "close" {
-				// Refused with the body unread: end net/http's attempt to
-				// drain it at once; the connection closes after the answer.
-				rc.SetReadDeadline(time.Now())
+				lingerClose(w, rc)
 			}
 		})
 	}
+}
+
+// How long a lingering close reads what the client still sends: in all,
+// and without a byte. nginx's lingering_time and lingering_timeout.
+const (
+	lingerTime    = 10 * time.Second
+	lingerTimeout = 2 * time.Second
+)
+
+// lingerClose ends the connection of a request that was answered with its
+// body unread, as nginx's lingering close does. Closing a socket with
+// unread data in it makes the kernel send a reset, which can destroy the
+// answer before the client reads it (a client still sending a 5 MB upload
+// sees ECONNRESET instead of the 413). So the answer is flushed, the
+// gateway's side is shut for writing, and what the client still sends is
+// read and thrown away until it stops, for lingerTime at most.
+func lingerClose(w http.ResponseWriter, rc *http.ResponseController) {
+	if rc.Flush() != nil {
+		rc.SetReadDeadline(time.Now())
+		return
+	}
+	// The connection is taken from net/http's own writer, under the
+	// request log's: the request ended with the answer, and the linger
+	// that follows is not part of it (it is no WebSocket to count).
+	inner := w
+	for {
+		u, ok := inner.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			break
+		}
+		inner = u.Unwrap()
+	}
+	conn, brw, err := http.NewResponseController(inner).Hijack()
+	if err != nil {
+		// Not HTTP/1 (a test's recorder): net/http closes it as before.
+		rc.SetReadDeadline(time.Now())
+		return
+	}
+	go func() {
+		defer conn.Close()
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			cw.CloseWrite() // the FIN after the answer; TLS sends close_notify first
+		}
+		buf := make([]byte, 16<<10)
+		end := time.Now().Add(lingerTime)
+		for {
+			now := time.Now()
+			if !now.Before(end) {
+				return
+			}
+			conn.SetReadDeadline(now.Add(min(end.Sub(now), lingerTimeout)))
+			if _, err := brw.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
 }
 
 // refuse answers with the gateway's JSON error and closes the connection

@@ -2,9 +2,12 @@ package server
 
 import (
 	"bufio"
+	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"strconv"
@@ -15,6 +18,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/comfygate/comfygate/internal/comfytest"
+	"github.com/comfygate/comfygate/internal/config"
 )
 
 // rawExchange writes req on a new connection to addr (then half-closes it
@@ -308,7 +312,7 @@ func TestClientFaultsAreNotComfyUIs(t *testing.T) {
 // upstream error counted.
 func TestClientGoneGetsNoInventedStatus(t *testing.T) {
 	g := start(t, comfytest.Options{}, "--api-key", testKey)
-	g.Fake.SetDelay("/api/history", 2*time.Second)
+	g.Fake.SetDelay("/history", 2*time.Second)
 	raw := rawExchange(t, g.Addr, "GET /api/history HTTP/1.1\r\nHost: x\r\nX-API-Key: "+testKey+"\r\n\r\n", true, 10*time.Second)
 	if raw != "" {
 		t.Errorf("a client that left was sent %q; want nothing", raw)
@@ -348,4 +352,135 @@ func TestComfyUIDownIsComfyUIs(t *testing.T) {
 	if l := logLines(t, g, "upstream unreachable"); len(l) != 1 || l[0]["level"] != "WARN" {
 		t.Errorf("upstream unreachable lines: %v; want one at WARN", l)
 	}
+}
+
+// TestRefusedUploadIsAnsweredNotReset pins the lingering close: a client
+// that sends its whole body before it reads (Python's urllib, curl) must
+// receive the gateway's refusal, not a connection reset. Closing a socket
+// with the upload still arriving makes the kernel send a reset that
+// destroyed the 413 in flight (urllib: ConnectionResetError 8 times of 8).
+func TestRefusedUploadIsAnsweredNotReset(t *testing.T) {
+	g := start(t, comfytest.Options{}, "--api-key", testKey, "--max-upload-size", "1")
+	body := bytes.Repeat([]byte("x"), 5<<20)
+	cases := []struct {
+		name   string
+		key    string
+		status int
+		code   string
+	}{
+		{"over --max-upload-size", "X-API-Key: " + testKey + "\r\n", http.StatusRequestEntityTooLarge, "request_too_large"},
+		{"without a key", "", http.StatusUnauthorized, "unauthorized"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			for range 5 {
+				c, err := net.Dial("tcp", g.Addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				c.SetDeadline(time.Now().Add(20 * time.Second))
+				head := "POST /api/upload/image HTTP/1.1\r\nHost: x\r\n" + tc.key +
+					"Content-Type: application/octet-stream\r\nContent-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n"
+				sent := make(chan error, 1)
+				go func() {
+					_, err := c.Write(append([]byte(head), body...))
+					sent <- err
+				}()
+				if err := <-sent; err != nil {
+					t.Fatalf("sending the upload: %v (the gateway reset the connection)", err)
+				}
+				res, err := http.ReadResponse(bufio.NewReader(c), nil)
+				if err != nil {
+					t.Fatalf("reading the answer: %v; want %d", err, tc.status)
+				}
+				got, err := io.ReadAll(res.Body)
+				if err != nil {
+					t.Fatalf("reading the answer's body: %v", err)
+				}
+				if res.StatusCode != tc.status || !strings.Contains(string(got), tc.code) {
+					t.Fatalf("%d %s; want %d %s", res.StatusCode, got, tc.status, tc.code)
+				}
+				c.Close()
+			}
+		})
+	}
+}
+
+// TestUpstreamLoop pins the run-time loop check: a gateway whose --upstream
+// leads back to itself (here its own port, which the start-up check cannot
+// know from the flags) answers 508 after one round, instead of forwarding
+// to itself until file descriptors run out (29,000 log lines in 4 s). A
+// gateway in front of another gateway is no loop.
+func TestUpstreamLoop(t *testing.T) {
+	t.Run("upstream is the gateway itself", func(t *testing.T) {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := config.Load([]string{"--upstream", "http://" + ln.Addr().String(), "--metrics-interval", "1h"},
+			func(string) (string, bool) { return "", false })
+		if err != nil {
+			t.Fatal(err)
+		}
+		logs := &syncBuffer{}
+		srv, err := New(cfg, slog.New(slog.NewJSONHandler(logs, nil)), "test", io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- srv.Serve(ctx, []net.Listener{ln}, nil) }()
+		t.Cleanup(func() { cancel(); <-done })
+
+		res, err := http.Get("http://" + ln.Addr().String() + "/api/prompt")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode != http.StatusLoopDetected || !strings.Contains(string(body), `"loop_detected"`) {
+			t.Fatalf("%d %s; want 508 loop_detected", res.StatusCode, body)
+		}
+		// The start-up check of ComfyUI goes round once too; count this
+		// request's lines.
+		g := &gateway{logs: logs}
+		count := func(msg string) (n int) {
+			for _, l := range logLines(t, g, msg) {
+				if l["path"] == "/api/prompt" {
+					n++
+				}
+			}
+			return n
+		}
+		// The client's line is written as its handler returns, which may
+		// be just after the answer reached the client.
+		for deadline := time.Now().Add(2 * time.Second); count("request") < 2 && time.Now().Before(deadline); {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n := count("request"); n != 2 {
+			t.Errorf("%d requests logged; want 2 (the client's, and the one that came back)", n)
+		}
+		if n := count("request loop: this gateway received a request it forwarded itself; --upstream must be ComfyUI, not comfygate"); n != 1 {
+			t.Errorf("%d loop warnings; want 1", n)
+		}
+	})
+	t.Run("a gateway in front of a gateway", func(t *testing.T) {
+		inner := start(t, comfytest.Options{})
+		outer := startWith(t, inner.Fake, "--upstream", inner.URL)
+		res, err := http.Get(outer.URL + "/api/prompt")
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != http.StatusOK {
+			t.Fatalf("status %d through two gateways; want 200", res.StatusCode)
+		}
+		last, ok := inner.Fake.LastRequest()
+		if !ok || last.Path != "/api/prompt" {
+			t.Fatalf("ComfyUI's last request %+v; want GET /api/prompt", last)
+		}
+		if got := strings.Join(last.Header.Values("Via"), ","); strings.Count(got, "comfygate-") != 2 {
+			t.Errorf("ComfyUI saw Via %q; want both gateways", got)
+		}
+	})
 }

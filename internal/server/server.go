@@ -4,7 +4,9 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -44,8 +46,19 @@ type Server struct {
 	// sessions holds browser sessions (nil when login is off or no keys).
 	sessions *session.Store
 	handler  http.Handler
+	// via names this process in the Via header it adds to what it
+	// forwards, to recognise a request that comes back to it (a loop).
+	via string
 	// metricsHandler serves --metrics-listen (nil when it is not set).
 	metricsHandler http.Handler
+}
+
+// viaName is a name for this process, unique enough that a gateway in
+// front of another gateway is no loop, while one in front of itself is.
+func viaName() string {
+	var b [6]byte
+	rand.Read(b[:])
+	return "comfygate-" + hex.EncodeToString(b[:])
 }
 
 // New builds the handler chain for cfg. version is reported by /health; the
@@ -56,7 +69,7 @@ func New(cfg *config.Config, logger *slog.Logger, version string, auditOut io.Wr
 
 // newServer is New with the transport to ComfyUI replaceable (benchmarks).
 func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut io.Writer, transport http.RoundTripper) (*Server, error) {
-	s := &Server{cfg: cfg, log: logger}
+	s := &Server{cfg: cfg, log: logger, via: viaName()}
 	var err error
 	if s.audit, err = audit.Open(cfg.AuditLog, auditOut); err != nil {
 		return nil, fmt.Errorf("--audit-log: %w", err)
@@ -81,6 +94,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		CORSOrigin:       cfg.CORSOrigin,
 		Observe:          s.metrics.ObserveExchange,
 		TrustForwarded:   clients.FromTrustedProxy,
+		Via:              s.via,
 		Logger:           logger,
 	})
 	s.health = health.New(cfg.Upstream, health.Options{
@@ -156,7 +170,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	//   proxy       ComfyUI, credentials stripped, bodies capped
 	s.handler = Chain(
 		routes(public, Chain(upstream,
-			guard(guardOptions{BodyTimeout: cfg.BodyTimeout, CORSOrigin: cfg.CORSOrigin}),
+			guard(guardOptions{BodyTimeout: cfg.BodyTimeout, CORSOrigin: cfg.CORSOrigin, Via: s.via, Logger: logger}),
 			s.audit.Middleware(),
 			loginRoutes,
 			auth.Middleware(s.keys, authOpts),
