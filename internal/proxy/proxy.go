@@ -12,6 +12,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -20,6 +21,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -96,8 +98,21 @@ func New(pool *upstream.Pool, opts Options) *Proxy {
 	return p
 }
 
-// ServeHTTP forwards r to ComfyUI.
+// ServeHTTP forwards r to the server the pool picks.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	u, err := p.pool.Pick()
+	if err != nil {
+		w.Header().Del("Connection")
+		p.fail(w, r, "", 0, err)
+		return
+	}
+	p.Forward(w, r, u)
+}
+
+// Forward sends r to server u and copies the answer to w: the road of
+// every request that goes to one server, whoever chose it (the pool in
+// single-server mode, the fleet by route otherwise).
+func (p *Proxy) Forward(w http.ResponseWriter, r *http.Request, u *upstream.Upstream) {
 	// The request passed every check and its body will be read: the
 	// connection may be kept (see server's guard).
 	w.Header().Del("Connection")
@@ -112,11 +127,6 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			body.ReadCloser = http.MaxBytesReader(w, r.Body, max)
 		}
 		r.Body = body
-	}
-	u, err := p.pool.Pick()
-	if err != nil {
-		p.fail(w, r, "", 0, err)
-		return
 	}
 	reqscope.From(r.Context()).Upstream = u.Name
 	if up := upgradeType(r.Header); up != "" {
@@ -133,6 +143,50 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ErrorLog:       p.errLog,
 	}
 	rp.ServeHTTP(w, r)
+}
+
+// Outbound builds a request of the gateway's own to server u on behalf of
+// client request in: method, target (a path with its query, such as
+// "/api/queue") and body replace in's, and everything else is decided by
+// outbound, as for a forwarded request (the fleet's fan-outs and
+// dispatches use it, so that they too carry no credential).
+func (p *Proxy) Outbound(in *http.Request, u *upstream.Upstream, method, target string, body []byte) (*http.Request, error) {
+	tu, err := url.ParseRequestURI(target)
+	if err != nil {
+		return nil, err
+	}
+	src := in.Clone(in.Context())
+	src.Method, src.URL, src.RequestURI = method, tu, ""
+	out := src.Clone(in.Context())
+	out.Close = false
+	removeHopByHop(out.Header)
+	for _, h := range []string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Content-Length", "Content-Encoding"} {
+		delete(out.Header, h)
+	}
+	out.Body, out.ContentLength, out.GetBody = http.NoBody, 0, nil
+	if body != nil {
+		out.ContentLength = int64(len(body))
+		out.Body = io.NopCloser(bytes.NewReader(body))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+	}
+	p.outbound(out, src, u)
+	if _, ok := out.Header["User-Agent"]; !ok {
+		out.Header.Set("User-Agent", "") // not Go's default
+	}
+	return out, nil
+}
+
+// RoundTrip sends out (from Outbound) to u, counted like a forwarded
+// exchange.
+func (p *Proxy) RoundTrip(u *upstream.Upstream, out *http.Request) (*http.Response, error) {
+	return (&exchange{p: p, u: u}).RoundTrip(out)
+}
+
+// Fail answers a request the gateway could not get an answer for from
+// server (named for the logs; "" when none was chosen), saying whose fault
+// it was, as for a forwarded request.
+func (p *Proxy) Fail(w http.ResponseWriter, r *http.Request, server string, err error) {
+	p.fail(w, r, server, 0, err)
 }
 
 // outbound makes out, a copy of in without hop-by-hop and forwarding

@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -48,6 +49,9 @@ type Upstream struct {
 	down atomic.Bool
 	// inFlight counts exchanges under way (headers not yet received).
 	inFlight atomic.Int64
+	// draining is set for a server leaving the fleet: it takes no new
+	// prompts, and leaves when its queue is empty.
+	draining atomic.Bool
 }
 
 // New returns an Upstream for base, named name (the URL's host when name is
@@ -119,6 +123,12 @@ func (u *Upstream) Healthy() bool { return !u.down.Load() }
 // SetHealthy records the result of an active check.
 func (u *Upstream) SetHealthy(ok bool) { u.down.Store(!ok) }
 
+// Draining reports whether the server is leaving the fleet.
+func (u *Upstream) Draining() bool { return u.draining.Load() }
+
+// SetDraining marks the server as leaving the fleet (or not).
+func (u *Upstream) SetDraining(d bool) { u.draining.Store(d) }
+
 // InFlight reports how many exchanges with the server are under way.
 func (u *Upstream) InFlight() int64 { return u.inFlight.Load() }
 
@@ -144,9 +154,12 @@ func IsDialError(err error) bool {
 // ErrNoUpstream is returned by Pick when no server can take a request.
 var ErrNoUpstream = errors.New("no ComfyUI server is available")
 
-// Pool is the set of ComfyUI servers.
+// Pool is the set of ComfyUI servers. Servers may be added and removed
+// while it is in use (the fleet's --upstreams-file).
 type Pool struct {
-	ups []*Upstream
+	opts Options
+	mu   sync.RWMutex
+	ups  []*Upstream
 }
 
 // Spec names one server for NewPool.
@@ -160,7 +173,7 @@ func NewPool(specs []Spec, opts Options) (*Pool, error) {
 	if len(specs) == 0 {
 		return nil, errors.New("no upstream configured")
 	}
-	p := &Pool{}
+	p := &Pool{opts: opts}
 	seen := make(map[string]bool, len(specs))
 	for _, s := range specs {
 		u := New(s.Name, s.URL, opts)
@@ -178,10 +191,11 @@ func NewPool(specs []Spec, opts Options) (*Pool, error) {
 // than the gateway's guess (single-server mode). With several it is the
 // first healthy one; ErrNoUpstream when none is.
 func (p *Pool) Pick() (*Upstream, error) {
-	if len(p.ups) == 1 {
-		return p.ups[0], nil
+	ups := p.All()
+	if len(ups) == 1 {
+		return ups[0], nil
 	}
-	for _, u := range p.ups {
+	for _, u := range ups {
 		if u.Healthy() {
 			return u, nil
 		}
@@ -191,11 +205,60 @@ func (p *Pool) Pick() (*Upstream, error) {
 
 // All returns every server, in configuration order. The slice must not be
 // modified.
-func (p *Pool) All() []*Upstream { return p.ups }
+func (p *Pool) All() []*Upstream {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	return p.ups
+}
+
+// Get returns the server named name.
+func (p *Pool) Get(name string) (*Upstream, bool) {
+	for _, u := range p.All() {
+		if u.Name == name {
+			return u, true
+		}
+	}
+	return nil, false
+}
+
+// Add adds a server (or returns the one of that name, no longer draining,
+// when its URL is the same). An existing name with another URL is an
+// error: drain and remove it first.
+func (p *Pool) Add(s Spec) (*Upstream, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	u := New(s.Name, s.URL, p.opts)
+	for _, have := range p.ups {
+		if have.Name == u.Name {
+			if have.URL.String() != u.URL.String() {
+				return nil, fmt.Errorf("upstream %q is already %s", u.Name, have.URL.Redacted())
+			}
+			have.SetDraining(false)
+			return have, nil
+		}
+	}
+	// Copy on write: All's callers keep the slice they got.
+	p.ups = append(p.ups[:len(p.ups):len(p.ups)], u)
+	return u, nil
+}
+
+// Remove takes the server named name out of the pool and closes its idle
+// connections.
+func (p *Pool) Remove(name string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i, u := range p.ups {
+		if u.Name == name {
+			p.ups = append(p.ups[:i:i], p.ups[i+1:]...)
+			u.CloseIdleConnections()
+			return
+		}
+	}
+}
 
 // CloseIdleConnections closes every server's idle connections.
 func (p *Pool) CloseIdleConnections() {
-	for _, u := range p.ups {
+	for _, u := range p.All() {
 		u.CloseIdleConnections()
 	}
 }

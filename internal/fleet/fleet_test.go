@@ -1,0 +1,300 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/comfygate/comfygate/internal/comfytest"
+	"github.com/comfygate/comfygate/internal/hub"
+	"github.com/comfygate/comfygate/internal/proxy"
+	"github.com/comfygate/comfygate/internal/reqscope"
+	"github.com/comfygate/comfygate/internal/route"
+	"github.com/comfygate/comfygate/internal/upstream"
+)
+
+type routerFunc func(server string, msg map[string]any) string
+
+func (f routerFunc) Route(server string, msg map[string]any) string { return f(server, msg) }
+
+// testFleet is a fleet over fakes, served over loopback.
+type testFleet struct {
+	*Fleet
+	URL   string
+	fakes []*comfytest.Fake
+	pool  *upstream.Pool
+}
+
+func newTestFleet(t *testing.T, opts []comfytest.Options) *testFleet {
+	t.Helper()
+	var specs []upstream.Spec
+	var fakes []*comfytest.Fake
+	for i, o := range opts {
+		fk := comfytest.New(t, o)
+		fakes = append(fakes, fk)
+		u, _ := url.Parse(fk.URL())
+		specs = append(specs, upstream.Spec{Name: fmt.Sprintf("gpu%d", i+1), URL: u})
+	}
+	pool, err := upstream.NewPool(specs, upstream.Options{ResponseHeaderTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
+	var fl *Fleet
+	h := hub.New(routerFunc(func(s string, m map[string]any) string { return fl.Route(s, m) }),
+		hub.Options{Logger: slog.New(slog.DiscardHandler)})
+	fl = New(pool, p, Options{PollInterval: time.Hour, PollTimeout: 2 * time.Second, Logger: slog.New(slog.DiscardHandler),
+		Hub: h, ClientID: h.ID})
+	ctx, cancel := context.WithCancel(context.Background())
+	fl.Tick(ctx)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
+		fl.ServeHTTP(w, r.WithContext(ctx))
+	}))
+	t.Cleanup(func() {
+		h.Close()
+		srv.Close()
+		cancel()
+		pool.CloseIdleConnections()
+	})
+	return &testFleet{Fleet: fl, URL: srv.URL, fakes: fakes, pool: pool}
+}
+
+func (tf *testFleet) do(t *testing.T, method, path string, body any) (int, []byte) {
+	t.Helper()
+	var rd io.Reader
+	if body != nil {
+		b, _ := json.Marshal(body)
+		rd = bytes.NewReader(b)
+	}
+	req, _ := http.NewRequest(method, tf.URL+path, rd)
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(res.Body)
+	return res.StatusCode, b
+}
+
+func workflow(prefix string) map[string]any {
+	return map[string]any{
+		"prompt": map[string]any{
+			"1": map[string]any{"class_type": "EmptyImage", "inputs": map[string]any{"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+			"2": map[string]any{"class_type": "SaveImage", "inputs": map[string]any{"images": []any{"1", 0}, "filename_prefix": prefix}},
+		},
+		"client_id": "tester",
+	}
+}
+
+func (tf *testFleet) queue(t *testing.T, body map[string]any) string {
+	t.Helper()
+	status, b := tf.do(t, "POST", "/api/prompt", body)
+	if status != http.StatusOK {
+		t.Fatalf("POST /prompt: %d %s", status, b)
+	}
+	var res struct {
+		PromptID string `json:"prompt_id"`
+	}
+	json.Unmarshal(b, &res)
+	return res.PromptID
+}
+
+// waitDone polls /history/{id} through the fleet until the prompt is there.
+func (tf *testFleet) waitDone(t *testing.T, id string) map[string]any {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		status, b := tf.do(t, "GET", "/api/history/"+id, nil)
+		var h map[string]map[string]any
+		if status == http.StatusOK && json.Unmarshal(b, &h) == nil && h[id] != nil {
+			return h[id]
+		}
+	}
+	t.Fatalf("prompt %s never finished", id)
+	return nil
+}
+
+func TestDispatchSpreadsAndMapsIDs(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(200 * time.Millisecond)
+	}
+	a := tf.queue(t, workflow("a"))
+	b := tf.queue(t, workflow("b"))
+	pa, _, _ := tf.store.Get(context.Background(), a)
+	pb, _, _ := tf.store.Get(context.Background(), b)
+	if pa.Server == pb.Server {
+		t.Errorf("both prompts went to %s; want one per idle server", pa.Server)
+	}
+	for _, id := range []string{a, b} {
+		h := tf.waitDone(t, id)
+		outs, _ := json.Marshal(h["outputs"])
+		if !strings.Contains(string(outs), `"subfolder":"@gpu`) {
+			t.Errorf("outputs %s: file references are not marked with their server", outs)
+		}
+	}
+	status, body := tf.do(t, "GET", "/api/history", nil)
+	var hist map[string]any
+	if status != 200 || json.Unmarshal(body, &hist) != nil || hist[a] == nil || hist[b] == nil {
+		t.Errorf("merged history %d %s; want both prompts", status, body)
+	}
+	// /view of a marked output reaches the server that made it.
+	h := tf.waitDone(t, a)
+	var outs map[string]struct {
+		Images []struct{ Filename, Subfolder, Type string }
+	}
+	ob, _ := json.Marshal(h["outputs"])
+	json.Unmarshal(ob, &outs)
+	img := outs["2"].Images[0]
+	q := url.Values{"filename": {img.Filename}, "subfolder": {img.Subfolder}, "type": {img.Type}}
+	if status, png := tf.do(t, "GET", "/api/view?"+q.Encode(), nil); status != 200 || !bytes.HasPrefix(png, []byte("\x89PNG")) {
+		t.Errorf("/view of %v: %d, %d bytes", q, status, len(png))
+	}
+}
+
+// wsMessage is one message a client socket received.
+type wsMessage struct {
+	binary bool
+	typ    string
+	data   map[string]any
+	raw    []byte
+}
+
+// dialWS opens a client socket to the fleet and collects its messages.
+func (tf *testFleet) dialWS(t *testing.T, clientID string) <-chan wsMessage {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	c, _, err := websocket.Dial(ctx, strings.Replace(tf.URL, "http", "ws", 1)+"/ws?clientId="+clientID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadLimit(64 << 20)
+	t.Cleanup(func() { c.CloseNow() })
+	ch := make(chan wsMessage, 1000)
+	go func() {
+		defer close(ch)
+		for {
+			typ, b, err := c.Read(ctx)
+			if err != nil {
+				return
+			}
+			m := wsMessage{binary: typ == websocket.MessageBinary, raw: b}
+			if !m.binary {
+				var v struct {
+					Type string         `json:"type"`
+					Data map[string]any `json:"data"`
+				}
+				json.Unmarshal(b, &v)
+				m.typ, m.data = v.Type, v.Data
+			}
+			ch <- m
+		}
+	}()
+	return ch
+}
+
+// untilEnd collects messages until executing with node null for id.
+func untilEnd(t *testing.T, ch <-chan wsMessage, id string) []wsMessage {
+	t.Helper()
+	var got []wsMessage
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case m, ok := <-ch:
+			if !ok {
+				t.Fatalf("socket closed after %d messages", len(got))
+			}
+			got = append(got, m)
+			if m.typ == "executing" && m.data["node"] == nil && m.data["prompt_id"] == id {
+				return got
+			}
+		case <-timeout:
+			t.Fatalf("no end signal for %s after %d messages", id, len(got))
+		}
+	}
+}
+
+func TestSocketsFollowPrompts(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{PreviewFrames: 2}, {PreviewFrames: 2}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(100 * time.Millisecond)
+	}
+	// Let the hub's server sockets connect.
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		n := 0
+		for _, fk := range tf.fakes {
+			for _, r := range fk.Requests() {
+				if r.WebSocket {
+					n++
+					break
+				}
+			}
+		}
+		if n == len(tf.fakes) {
+			break
+		}
+	}
+	alice := tf.dialWS(t, "alice")
+	bob := tf.dialWS(t, "bob")
+	for _, ch := range []<-chan wsMessage{alice, bob} {
+		first := <-ch
+		if first.typ != "status" || first.data["sid"] == nil {
+			t.Fatalf("first message %s; want status with sid", first.raw)
+		}
+	}
+	wa, wb := workflow("a"), workflow("b")
+	wa["client_id"], wb["client_id"] = "alice", "bob"
+	a := tf.queue(t, wa)
+	b := tf.queue(t, wb)
+	pa, _, _ := tf.store.Get(context.Background(), a)
+	pb, _, _ := tf.store.Get(context.Background(), b)
+	if pa.Server == pb.Server {
+		t.Fatalf("both prompts on %s; the test needs one per server", pa.Server)
+	}
+	for _, c := range []struct {
+		ch       <-chan wsMessage
+		id, peer string
+	}{{alice, a, b}, {bob, b, a}} {
+		got := untilEnd(t, c.ch, c.id)
+		var types []string
+		previews := 0
+		for _, m := range got {
+			if m.binary {
+				previews++
+				continue
+			}
+			types = append(types, m.typ)
+			if pid, ok := m.data["prompt_id"]; ok && pid != c.id {
+				t.Errorf("message %s names prompt %v; want only %s", m.raw, pid, c.id)
+			}
+			if m.typ == "executed" && !strings.Contains(string(m.raw), `"subfolder":"@gpu`) {
+				t.Errorf("executed %s: output not marked with its server", m.raw)
+			}
+		}
+		if previews != 2 {
+			t.Errorf("%d previews; want the 2 of its own prompt", previews)
+		}
+		want := []string{"execution_start", "executing", "executing", "executed", "execution_success", "executing"}
+		var exec []string
+		for _, ty := range types {
+			if ty != "status" && ty != "execution_cached" && ty != "progress" && ty != "progress_state" {
+				exec = append(exec, ty)
+			}
+		}
+		if strings.Join(exec, ",") != strings.Join(want, ",") {
+			t.Errorf("execution messages %v; want %v", exec, want)
+		}
+	}
+}

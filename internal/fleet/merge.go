@@ -1,0 +1,585 @@
+package fleet
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"net/http"
+	"net/url"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/comfygate/comfygate/internal/jsonerr"
+	"github.com/comfygate/comfygate/internal/route"
+)
+
+// merge answers a read of fleet-wide state (route policy merge) from every
+// healthy server's answer, as one ComfyUI would give it.
+func (f *Fleet) merge(w http.ResponseWriter, r *http.Request, e route.Entry) {
+	hs := f.healthy()
+	if len(hs) == 0 {
+		f.proxy.Fail(w, r, "", errNoServer)
+		return
+	}
+	target := r.URL.EscapedPath()
+	if strings.HasPrefix(e.Label, "/history") || e.Label == "/jobs" {
+		target = apiPath(r.URL.EscapedPath()) // the query is the fleet's to apply
+	} else if r.URL.RawQuery != "" {
+		target += "?" + r.URL.RawQuery
+	}
+	var q url.Values
+	if e.Label == "/jobs" {
+		q = r.URL.Query()
+		target += "?" + jobsQuery(q)
+	}
+	as := f.sendAll(r.Context(), r, hs, http.MethodGet, target, nil)
+	var ok []answer
+	for _, a := range as {
+		if a.err == nil && a.status == http.StatusOK {
+			ok = append(ok, a)
+		}
+	}
+	if len(ok) == 0 {
+		for _, a := range as {
+			if a.err == nil {
+				relay(w, a) // every server refused: its own words
+				return
+			}
+		}
+		server, err := firstError(as)
+		f.proxy.Fail(w, r, server, err)
+		return
+	}
+	ctx := r.Context()
+	var (
+		out []byte
+		err error
+	)
+	switch e.Label {
+	case "/queue":
+		out, err = f.mergeQueue(ctx, ok)
+	case "/prompt":
+		out, err = mergePrompt(ok)
+	case "/history":
+		out, err = f.mergeHistory(ctx, ok, r.URL.Query())
+	case "/jobs":
+		out, err = f.mergeJobs(ctx, ok, q)
+	case "/object_info":
+		out, err = mergeObjectInfo(ok)
+	case "/system_stats":
+		out, err = mergeSystemStats(ok)
+	default:
+		relay(w, ok[0])
+		return
+	}
+	if err != nil {
+		if errors, isQuery := err.(queryError); isQuery {
+			jsonerr.Write(w, http.StatusBadRequest, "bad_request", string(errors))
+			return
+		}
+		f.log.Warn("fleet: cannot merge the servers' answers", "path", r.URL.Path, "err", err)
+		relay(w, ok[0])
+		return
+	}
+	writeRaw(w, http.StatusOK, out)
+}
+
+// apiPath is p under /api, as every server mirrors it.
+func apiPath(p string) string {
+	if strings.HasPrefix(p, "/api/") {
+		return p
+	}
+	return "/api" + p
+}
+
+type queryError string
+
+func (e queryError) Error() string { return string(e) }
+
+// idMap turns a server's prompt id into the one clients see, and fills in
+// the record's client_id.
+func (f *Fleet) idMap(ctx context.Context, server, sid string) (string, *Prompt) {
+	p, ok, err := f.store.ByServerID(ctx, server, sid)
+	if err != nil || !ok {
+		return sid, nil
+	}
+	return p.ID, &p
+}
+
+// decode reads JSON keeping numbers as written.
+func decode(b []byte, v any) error {
+	d := json.NewDecoder(bytes.NewReader(b))
+	d.UseNumber()
+	return d.Decode(v)
+}
+
+// mapItem rewrites one queue item or history "prompt" array of server:
+// [number, prompt_id, graph, extra_data, outputs...].
+func (f *Fleet) mapItem(ctx context.Context, server string, item []any) []any {
+	if len(item) < 2 {
+		return item
+	}
+	sid, _ := item[1].(string)
+	id, p := f.idMap(ctx, server, sid)
+	item[1] = id
+	if p != nil && len(item) > 3 {
+		if extra, ok := item[3].(map[string]any); ok {
+			if _, has := extra["client_id"]; has {
+				extra["client_id"] = p.ClientID
+			}
+		}
+	}
+	return item
+}
+
+func (f *Fleet) mergeQueue(ctx context.Context, as []answer) ([]byte, error) {
+	running, pending := []any{}, []any{}
+	for _, a := range as {
+		var q struct {
+			Running [][]any `json:"queue_running"`
+			Pending [][]any `json:"queue_pending"`
+		}
+		if err := decode(a.body, &q); err != nil {
+			return nil, err
+		}
+		for _, it := range q.Running {
+			running = append(running, f.mapItem(ctx, a.m.u.Name, it))
+		}
+		for _, it := range q.Pending {
+			pending = append(pending, f.mapItem(ctx, a.m.u.Name, it))
+		}
+	}
+	return json.Marshal(map[string]any{"queue_running": running, "queue_pending": pending})
+}
+
+func mergePrompt(as []answer) ([]byte, error) {
+	total := 0
+	for _, a := range as {
+		var p struct {
+			ExecInfo struct {
+				QueueRemaining int `json:"queue_remaining"`
+			} `json:"exec_info"`
+		}
+		if err := json.Unmarshal(a.body, &p); err != nil {
+			return nil, err
+		}
+		total += p.ExecInfo.QueueRemaining
+	}
+	return json.Marshal(map[string]any{"exec_info": map[string]any{"queue_remaining": total}})
+}
+
+// historyEntry is one finished prompt from one server's /history.
+type historyEntry struct {
+	id    string
+	entry map[string]any
+	when  int64 // the last timestamp in its status messages
+}
+
+// mapEntry rewrites one history entry of server: ids, client_id, and the
+// output file references, marked with the server (see markSubfolder).
+func (f *Fleet) mapEntry(ctx context.Context, server, sid string, entry map[string]any) string {
+	id := sid
+	if item, ok := entry["prompt"].([]any); ok {
+		f.mapItem(ctx, server, item)
+		if s, ok := item[1].(string); ok {
+			id = s
+		}
+	} else {
+		id, _ = f.idMap(ctx, server, sid)
+	}
+	if outs, ok := entry["outputs"]; ok {
+		markFiles(outs, server)
+	}
+	return id
+}
+
+// lastTimestamp is the newest "timestamp" in a history entry's status
+// messages (0 when it has none).
+func lastTimestamp(entry map[string]any) int64 {
+	st, _ := entry["status"].(map[string]any)
+	msgs, _ := st["messages"].([]any)
+	var last int64
+	for _, m := range msgs {
+		pair, _ := m.([]any)
+		if len(pair) < 2 {
+			continue
+		}
+		data, _ := pair[1].(map[string]any)
+		if n, ok := data["timestamp"].(json.Number); ok {
+			if v, err := n.Int64(); err == nil && v > last {
+				last = v
+			}
+		}
+	}
+	return last
+}
+
+// intParam reads an integer query parameter; ok is false when absent.
+func intParam(q url.Values, name string) (int, bool, error) {
+	s := q.Get(name)
+	if s == "" {
+		return 0, false, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		return 0, false, queryError(name + " must be an integer")
+	}
+	return n, true, nil
+}
+
+func (f *Fleet) mergeHistory(ctx context.Context, as []answer, q url.Values) ([]byte, error) {
+	maxItems, hasMax, err := intParam(q, "max_items")
+	if err != nil {
+		return nil, err
+	}
+	offset, hasOffset, err := intParam(q, "offset")
+	if err != nil {
+		return nil, err
+	}
+	var all []historyEntry
+	for _, a := range as {
+		var keys []string
+		var h map[string]map[string]any
+		if err := decode(a.body, &h); err != nil {
+			return nil, err
+		}
+		if keys, err = objectKeys(a.body); err != nil {
+			return nil, err
+		}
+		var prev int64
+		for _, sid := range keys {
+			e := h[sid]
+			id := f.mapEntry(ctx, a.m.u.Name, sid, e)
+			when := lastTimestamp(e)
+			if when == 0 {
+				when = prev // keep it after the one before it
+			}
+			prev = when
+			all = append(all, historyEntry{id: id, entry: e, when: when})
+		}
+	}
+	sort.SliceStable(all, func(i, j int) bool { return all[i].when < all[j].when })
+	// As ComfyUI's get_history: max_items alone gives the newest N; an
+	// offset skips that many of the oldest.
+	if !hasOffset || offset < 0 {
+		offset = 0
+		if hasMax {
+			offset = max(len(all)-maxItems, 0)
+		}
+	}
+	offset = min(offset, len(all))
+	end := len(all)
+	if hasMax && maxItems >= 0 {
+		end = min(offset+maxItems, len(all))
+	}
+	return orderedObject(all[offset:end])
+}
+
+// orderedObject writes entries as one JSON object, in their order.
+func orderedObject(es []historyEntry) ([]byte, error) {
+	var buf bytes.Buffer
+	buf.WriteByte('{')
+	for i, e := range es {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		k, _ := json.Marshal(e.id)
+		v, err := json.Marshal(e.entry)
+		if err != nil {
+			return nil, err
+		}
+		buf.Write(k)
+		buf.WriteByte(':')
+		buf.Write(v)
+	}
+	buf.WriteByte('}')
+	return buf.Bytes(), nil
+}
+
+// objectKeys returns the keys of a JSON object in the order written.
+func objectKeys(b []byte) ([]string, error) {
+	d := json.NewDecoder(bytes.NewReader(b))
+	if _, err := d.Token(); err != nil {
+		return nil, err
+	}
+	var keys []string
+	for d.More() {
+		t, err := d.Token()
+		if err != nil {
+			return nil, err
+		}
+		k, _ := t.(string)
+		keys = append(keys, k)
+		var skip json.RawMessage
+		if err := d.Decode(&skip); err != nil {
+			return nil, err
+		}
+	}
+	return keys, nil
+}
+
+// jobsQuery is the query sent to each server for a merged /api/jobs: the
+// client's filters, and every job up to the page the client asked for.
+func jobsQuery(q url.Values) string {
+	out := url.Values{}
+	for k, v := range q {
+		if k != "limit" && k != "offset" {
+			out[k] = v
+		}
+	}
+	offset, _ := strconv.Atoi(q.Get("offset"))
+	if limit, err := strconv.Atoi(q.Get("limit")); err == nil && limit > 0 {
+		out.Set("limit", strconv.Itoa(max(offset, 0)+limit))
+	}
+	return out.Encode()
+}
+
+func (f *Fleet) mergeJobs(ctx context.Context, as []answer, q url.Values) ([]byte, error) {
+	offset, _, err := intParam(q, "offset")
+	if err != nil {
+		return nil, err
+	}
+	limit, hasLimit, err := intParam(q, "limit")
+	if err != nil {
+		return nil, err
+	}
+	var jobs []map[string]any
+	total := 0
+	for _, a := range as {
+		var page struct {
+			Jobs       []map[string]any `json:"jobs"`
+			Pagination struct {
+				Total int `json:"total"`
+			} `json:"pagination"`
+		}
+		if err := decode(a.body, &page); err != nil {
+			return nil, err
+		}
+		total += page.Pagination.Total
+		for _, j := range page.Jobs {
+			if sid, ok := j["id"].(string); ok {
+				j["id"], _ = f.idMap(ctx, a.m.u.Name, sid)
+			}
+			if outs, ok := j["preview_output"]; ok {
+				markFiles(outs, a.m.u.Name)
+			}
+			jobs = append(jobs, j)
+		}
+	}
+	key := "create_time"
+	if q.Get("sort_by") == "execution_duration" {
+		key = "execution_duration"
+	}
+	num := func(j map[string]any) float64 {
+		if key == "execution_duration" {
+			s, _ := j["execution_start_time"].(json.Number)
+			e, _ := j["execution_end_time"].(json.Number)
+			a, _ := s.Float64()
+			b, _ := e.Float64()
+			return b - a
+		}
+		n, _ := j[key].(json.Number)
+		v, _ := n.Float64()
+		return v
+	}
+	asc := q.Get("sort_order") == "asc"
+	sort.SliceStable(jobs, func(i, j int) bool {
+		if asc {
+			return num(jobs[i]) < num(jobs[j])
+		}
+		return num(jobs[i]) > num(jobs[j])
+	})
+	offset = min(max(offset, 0), len(jobs))
+	end := len(jobs)
+	if hasLimit && limit > 0 {
+		end = min(offset+limit, len(jobs))
+	}
+	page := jobs[offset:end]
+	if page == nil {
+		page = []map[string]any{}
+	}
+	pag := map[string]any{"offset": offset, "total": total, "has_more": offset+len(page) < total}
+	if hasLimit {
+		pag["limit"] = limit
+	} else {
+		pag["limit"] = nil
+	}
+	return json.Marshal(map[string]any{"jobs": page, "pagination": pag})
+}
+
+// mergeObjectInfo is the union of the servers' node definitions: every
+// class any server has, and for a combo input every value any server
+// offers (routing keeps each prompt on a server that has what it uses).
+func mergeObjectInfo(as []answer) ([]byte, error) {
+	merged := map[string]json.RawMessage{}
+	var order []string
+	for _, a := range as {
+		var info map[string]json.RawMessage
+		if err := json.Unmarshal(a.body, &info); err != nil {
+			return nil, err
+		}
+		keys, err := objectKeys(a.body)
+		if err != nil {
+			return nil, err
+		}
+		for _, class := range keys {
+			def := info[class]
+			have, ok := merged[class]
+			if !ok {
+				merged[class] = def
+				order = append(order, class)
+				continue
+			}
+			if !bytes.Equal(have, def) {
+				merged[class] = unionCombos(have, def)
+			}
+		}
+	}
+	var buf bytes.Buffer
+	buf.WriteByte('{')
+	for i, class := range order {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		k, _ := json.Marshal(class)
+		buf.Write(k)
+		buf.WriteByte(':')
+		buf.Write(merged[class])
+	}
+	buf.WriteByte('}')
+	return buf.Bytes(), nil
+}
+
+// unionCombos adds to definition a the combo choices of definition b.
+func unionCombos(a, b json.RawMessage) json.RawMessage {
+	var da, db map[string]any
+	if decode(a, &da) != nil || decode(b, &db) != nil {
+		return a
+	}
+	ia, _ := da["input"].(map[string]any)
+	ib, _ := db["input"].(map[string]any)
+	for _, group := range []string{"required", "optional"} {
+		ga, _ := ia[group].(map[string]any)
+		gb, _ := ib[group].(map[string]any)
+		for name, sb := range gb {
+			sa, ok := ga[name]
+			if !ok {
+				continue
+			}
+			ga[name] = unionSpec(sa, sb)
+		}
+	}
+	out, err := json.Marshal(da)
+	if err != nil {
+		return a
+	}
+	return out
+}
+
+// unionSpec merges the choices of two specs of one combo input, in either
+// form ([[choices], opts] or ["COMBO", {"options": [...]}]).
+func unionSpec(sa, sb any) any {
+	la, _ := sa.([]any)
+	lb, _ := sb.([]any)
+	if len(la) == 0 || len(lb) == 0 {
+		return sa
+	}
+	add := func(dst, src []any) []any {
+		for _, v := range src {
+			if !slices.Contains(dst, v) {
+				dst = append(dst, v)
+			}
+		}
+		return dst
+	}
+	if ca, ok := la[0].([]any); ok {
+		if cb, ok := lb[0].([]any); ok {
+			la[0] = add(ca, cb)
+		}
+		return la
+	}
+	if len(la) > 1 && len(lb) > 1 {
+		oa, _ := la[1].(map[string]any)
+		ob, _ := lb[1].(map[string]any)
+		ca, _ := oa["options"].([]any)
+		cb, _ := ob["options"].([]any)
+		if oa != nil && ca != nil {
+			oa["options"] = add(ca, cb)
+		}
+	}
+	return la
+}
+
+// mergeSystemStats is ComfyUI's /system_stats with the first server's
+// system and every server's devices, each name prefixed by its server.
+func mergeSystemStats(as []answer) ([]byte, error) {
+	var first map[string]any
+	var devices []any
+	for i, a := range as {
+		var st map[string]any
+		if err := decode(a.body, &st); err != nil {
+			return nil, err
+		}
+		if i == 0 {
+			first = st
+		}
+		ds, _ := st["devices"].([]any)
+		for _, d := range ds {
+			if dm, ok := d.(map[string]any); ok {
+				name, _ := dm["name"].(string)
+				dm["name"] = a.m.u.Name + ": " + name
+			}
+			devices = append(devices, d)
+		}
+	}
+	if devices == nil {
+		devices = []any{}
+	}
+	first["devices"] = devices
+	return json.Marshal(first)
+}
+
+// markFiles marks every file reference ({"filename", "subfolder", "type"})
+// in v as made by server: ComfyUI numbers output files per server
+// (ComfyUI_00001_.png on each), so the name alone does not say where a
+// file is. The mark is in the subfolder, which clients pass back to /view
+// as they got it.
+func markFiles(v any, server string) {
+	switch t := v.(type) {
+	case map[string]any:
+		if _, isFile := t["filename"].(string); isFile {
+			if _, typed := t["type"].(string); typed {
+				sub, _ := t["subfolder"].(string)
+				t["subfolder"] = markSubfolder(server, sub)
+				return
+			}
+		}
+		for _, x := range t {
+			markFiles(x, server)
+		}
+	case []any:
+		for _, x := range t {
+			markFiles(x, server)
+		}
+	}
+}
+
+// A marked subfolder is "@server" or "@server/subfolder".
+func markSubfolder(server, sub string) string {
+	if sub == "" {
+		return "@" + server
+	}
+	return "@" + server + "/" + sub
+}
+
+// unmarkSubfolder splits a marked subfolder; ok is false for one that is
+// not marked.
+func unmarkSubfolder(marked string) (server, sub string, ok bool) {
+	if !strings.HasPrefix(marked, "@") {
+		return "", marked, false
+	}
+	server, sub, _ = strings.Cut(marked[1:], "/")
+	return server, sub, server != ""
+}

@@ -1,0 +1,222 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/upstream"
+)
+
+// downAfter is how many polls in a row must fail before a server that
+// still accepts connections is marked down (one refused connection is
+// enough).
+const downAfter = 2
+
+// Tick polls every server once, then acts on what changed: marks servers
+// up or down, notes finished prompts, queues the prompts of dead servers
+// elsewhere, removes their stale copies from servers that came back, and
+// moves waiting prompts to idle servers.
+func (f *Fleet) Tick(ctx context.Context) {
+	f.tickMu.Lock()
+	defer f.tickMu.Unlock()
+	ms := f.all()
+	start := time.Now()
+	var wg sync.WaitGroup
+	for _, m := range ms {
+		wg.Go(func() { f.poll(ctx, m) })
+	}
+	wg.Wait()
+	if ctx.Err() != nil {
+		return
+	}
+	active, err := f.store.Active(ctx)
+	if err != nil {
+		f.log.Warn("fleet: cannot read prompt records", "err", err)
+		return
+	}
+	for _, m := range ms {
+		up := m.u.Healthy()
+		m.mu.Lock()
+		changed := up != m.wasUp
+		m.wasUp = up
+		m.mu.Unlock()
+		if changed && up {
+			f.log.Info("ComfyUI server is up", "upstream", m.u.Name)
+			f.cleanStale(ctx, m, active)
+		}
+		if changed && !up {
+			f.log.Warn("ComfyUI server is down", "upstream", m.u.Name)
+		}
+	}
+	f.reconcile(ctx, ms, active, start)
+	f.steal(ctx, ms)
+	f.dropDrained(ctx, ms)
+	if f.opts.Hub != nil {
+		f.opts.Hub.Sync(ctx, f.pool.All())
+		f.opts.Hub.Refresh()
+	}
+}
+
+// poll reads one server's queue and system stats (and its object_info when
+// it is not known or old) and records its health.
+func (f *Fleet) poll(ctx context.Context, m *member) {
+	ctx, cancel := context.WithTimeout(ctx, f.opts.PollTimeout)
+	defer cancel()
+	q := f.send(ctx, nil, m, http.MethodGet, "/api/queue", nil)
+	var queue struct {
+		Running [][]json.RawMessage `json:"queue_running"`
+		Pending [][]json.RawMessage `json:"queue_pending"`
+	}
+	ok := q.err == nil && q.status == http.StatusOK && json.Unmarshal(q.body, &queue) == nil
+	if !ok {
+		m.mu.Lock()
+		m.fails++
+		fails := m.fails
+		m.mu.Unlock()
+		if fails >= downAfter || (q.err != nil && upstream.IsDialError(q.err)) {
+			m.u.SetHealthy(false)
+		}
+		return
+	}
+	ids := func(items [][]json.RawMessage) []string {
+		out := make([]string, 0, len(items))
+		for _, it := range items {
+			var id string
+			if len(it) > 1 && json.Unmarshal(it[1], &id) == nil {
+				out = append(out, id)
+			}
+		}
+		return out
+	}
+	st := f.send(ctx, nil, m, http.MethodGet, "/api/system_stats", nil)
+	m.mu.Lock()
+	m.fails = 0
+	m.running, m.pending = ids(queue.Running), ids(queue.Pending)
+	m.sent = 0
+	m.polled = time.Now()
+	if st.err == nil && st.status == http.StatusOK {
+		m.stats = st.body
+		var s struct {
+			System struct {
+				Version string `json:"comfyui_version"`
+			} `json:"system"`
+		}
+		json.Unmarshal(st.body, &s)
+		m.version = s.System.Version
+	}
+	needInfo := m.caps == nil || time.Since(m.infoAt) > f.opts.InfoInterval || !m.wasUp
+	m.mu.Unlock()
+	m.u.SetHealthy(true)
+	if needInfo {
+		f.readInfo(ctx, m)
+	}
+}
+
+// readInfo reads a server's /object_info: its node classes and choices.
+func (f *Fleet) readInfo(ctx context.Context, m *member) {
+	a := f.send(ctx, nil, m, http.MethodGet, "/api/object_info", nil)
+	if a.err != nil || a.status != http.StatusOK {
+		f.log.Warn("fleet: cannot read the server's object_info", "upstream", m.u.Name, "status", a.status, "err", a.err)
+		return
+	}
+	caps, err := parseCapabilities(a.body)
+	if err != nil {
+		f.log.Warn("fleet: the server's object_info is not valid", "upstream", m.u.Name, "err", err)
+		return
+	}
+	m.mu.Lock()
+	m.caps, m.objectInfo, m.infoAt = caps, a.body, time.Now()
+	clear(m.uploads)
+	m.mu.Unlock()
+}
+
+// reconcile compares the active prompt records with the servers' queues:
+// a prompt no longer queued is done when its server has its history, and
+// lost otherwise (the server restarted); a lost prompt, or one on a server
+// that is down, is queued again on another server.
+func (f *Fleet) reconcile(ctx context.Context, ms []*member, active []Prompt, pollStart time.Time) {
+	byName := map[string]*member{}
+	for _, m := range ms {
+		byName[m.u.Name] = m
+	}
+	for _, p := range active {
+		m := byName[p.Server]
+		switch {
+		case m == nil || !m.u.Healthy():
+			// Its server died or left the fleet: queue it elsewhere.
+			f.resubmit(ctx, p, "its server is down")
+		case p.Placed.After(pollStart):
+			// Queued after the poll began: the poll cannot tell.
+		default:
+			running, pending := m.inQueue(p.ServerID)
+			if running || pending {
+				continue
+			}
+			a := f.send(ctx, nil, m, http.MethodGet, "/api/history/"+p.ServerID, nil)
+			if a.err != nil || a.status != http.StatusOK {
+				continue // try again next tick
+			}
+			var h map[string]json.RawMessage
+			if json.Unmarshal(a.body, &h) == nil && h[p.ServerID] != nil {
+				p.Done, p.Body = true, nil
+				f.store.Put(ctx, p)
+				continue
+			}
+			f.resubmit(ctx, p, "its server no longer has it (restarted)")
+		}
+	}
+}
+
+// cleanStale removes from a server that came back the copies of prompts
+// that were queued elsewhere while it was down.
+func (f *Fleet) cleanStale(ctx context.Context, m *member, active []Prompt) {
+	for _, p := range active {
+		var keep []Placement
+		var gone []string
+		for _, st := range p.Stale {
+			if st.Server == m.u.Name {
+				gone = append(gone, st.ServerID)
+			} else {
+				keep = append(keep, st)
+			}
+		}
+		if len(gone) == 0 {
+			continue
+		}
+		body, _ := json.Marshal(map[string]any{"delete": gone})
+		f.send(ctx, nil, m, http.MethodPost, "/api/queue", body)
+		for _, sid := range gone {
+			if running, _ := m.inQueue(sid); running {
+				b, _ := json.Marshal(map[string]string{"prompt_id": sid})
+				f.send(ctx, nil, m, http.MethodPost, "/api/interrupt", b)
+			}
+		}
+		f.log.Info("fleet: removed the copy of a prompt queued elsewhere while its server was down",
+			"upstream", m.u.Name, "prompt_id", p.ID)
+		p.Stale = keep
+		f.store.Put(ctx, p)
+	}
+}
+
+// dropDrained removes from the pool the draining servers whose queue is
+// empty.
+func (f *Fleet) dropDrained(ctx context.Context, ms []*member) {
+	for _, m := range ms {
+		if !m.u.Draining() || m.queueLen() > 0 {
+			continue
+		}
+		active, _ := f.store.Active(ctx)
+		if slices.ContainsFunc(active, func(p Prompt) bool { return p.Server == m.u.Name }) {
+			continue
+		}
+		f.pool.Remove(m.u.Name)
+		f.mu.Lock()
+		delete(f.members, m.u)
+		f.mu.Unlock()
+		f.log.Info("ComfyUI server left the fleet (drained)", "upstream", m.u.Name)
+	}
+}
