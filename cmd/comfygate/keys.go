@@ -31,7 +31,10 @@ admin (everything, including /free, user data writes and ComfyUI-Manager).
 var errUsage = errors.New("usage")
 
 func runKeys(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+	if len(args) == 0 {
+		return usageError(stderr, "which keys command? new, hash or check")
+	}
+	if args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		fmt.Fprint(stdout, keysUsage)
 		return nil
 	}
@@ -98,7 +101,7 @@ func runKeys(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 		if len(keys) == 0 {
 			return fmt.Errorf("%s holds no key", rest[0])
 		}
-		fmt.Fprintf(stdout, "%s: %d keys OK\n", rest[0], len(keys))
+		fmt.Fprintf(stdout, "%s: %s OK\n", rest[0], plural(len(keys), "key"))
 		for _, k := range keys {
 			note := ""
 			if k.Short {

@@ -47,7 +47,7 @@ func TestKeysNewHashCheck(t *testing.T) {
 		t.Errorf("lookup of the new key: %+v, %v", k, ok)
 	}
 	out.Reset()
-	if err := run(t.Context(), []string{"keys", "check", file}, noEnv, nil, &out, &errOut); err != nil || !strings.Contains(out.String(), "1 keys OK") {
+	if err := run(t.Context(), []string{"keys", "check", file}, noEnv, nil, &out, &errOut); err != nil || !strings.Contains(out.String(), "1 key OK\n") {
 		t.Errorf("check: %v\n%s", err, out.String())
 	}
 
@@ -65,6 +65,9 @@ func TestKeysUsageErrors(t *testing.T) {
 		{"keys", "new", "x", "--scopes", "root"},
 		{"keys", "frobnicate"},
 		{"keys", "check"},
+		// Issue #15 item 8: a bare "comfygate keys" printed the usage and
+		// exited 0, as if something had been done.
+		{"keys"},
 	} {
 		var out, errOut bytes.Buffer
 		if err := run(t.Context(), args, noEnv, nil, &out, &errOut); !errors.Is(err, errUsage) || !strings.Contains(errOut.String(), "Usage:") {

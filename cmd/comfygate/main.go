@@ -24,7 +24,7 @@ var version = ""
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.LookupEnv, os.Stdin, os.Stdout, os.Stderr)
+	err := run(ctx, os.Args[1:], os.Environ(), os.Stdin, os.Stdout, os.Stderr)
 	stop()
 	if errors.Is(err, errUsage) {
 		os.Exit(2)
@@ -40,12 +40,16 @@ func main() {
 }
 
 // run is comfygate without the process: it returns when ctx is done and the
-// server has shut down, or at once on a configuration error.
-func run(ctx context.Context, args []string, lookupEnv func(string) (string, bool), stdin io.Reader, stdout, stderr io.Writer) error {
+// server has shut down, or at once on a configuration error. environ is the
+// environment as os.Environ gives it.
+func run(ctx context.Context, args, environ []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) > 0 && args[0] == "keys" {
 		return runKeys(args[1:], stdin, stdout, stderr)
 	}
-	cfg, err := config.Load(args, lookupEnv)
+	if len(args) > 0 && args[0] == "demo" {
+		return runDemo(ctx, args[1:], environ, stdout, stderr)
+	}
+	cfg, err := config.LoadEnviron(args, environ)
 	switch {
 	case errors.Is(err, config.ErrHelp):
 		config.Usage(stdout)
@@ -62,8 +66,12 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 		logger.Warn(w)
 	}
 	if cfg.CheckConfig {
-		fmt.Fprintf(stdout, "configuration OK: %d key(s), upstream %s, listening on %s\n",
-			len(cfg.Keys), cfg.Upstream.Redacted(), strings.Join(cfg.Addrs(), ", "))
+		fmt.Fprintf(stdout, "configuration OK: %s, upstream %s, listening on %s\n",
+			plural(len(cfg.Keys), "key"), cfg.Upstream.Redacted(), strings.Join(cfg.Addrs(), ", "))
+		if !cfg.AuthEnabled() {
+			fmt.Fprintf(stdout, "authentication is OFF: no API key is configured, so anyone who can reach %s can use ComfyUI; set --api-key-file\n",
+				strings.Join(cfg.Addrs(), ", "))
+		}
 		return nil
 	}
 
@@ -113,6 +121,14 @@ func run(ctx context.Context, args []string, lookupEnv func(string) (string, boo
 			"version", Version())
 	}
 	return srv.Serve(ctx, lns, metricsLn)
+}
+
+// plural writes n and noun, with an s unless n is 1.
+func plural(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }
 
 func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {

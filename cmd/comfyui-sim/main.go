@@ -47,7 +47,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	fake := comfytest.NewFake(comfytest.Options{})
+	// The simulator reports the newest ComfyUI it was checked against
+	// (internal/comfytest/testdata/newest_*), so /health shows what the
+	// README shows, rather than the "unknown" of the v0.3.7 capture.
+	fake := comfytest.NewFake(comfytest.Options{Version: "0.8.0"})
 	defer fake.Close()
 	fake.SetNodeDelay(*nodeDelay)
 	srv := &http.Server{Handler: fake, ReadHeaderTimeout: 10 * time.Second}

@@ -27,7 +27,10 @@ import (
 // at most 64 characters, and unique in the file.
 //
 // A line containing ':' is always read as NAME:..., so a bare key must not
-// contain ':' (generated keys never do).
+// contain ':' (generated keys never do). A line that fits none of the forms
+// gets an error saying what it was read as (in words and counts: no word of
+// it is quoted, since any of them may be part of a key) and which forms
+// exist.
 
 const maxNameLen = 64
 
@@ -135,15 +138,15 @@ func ParseKeyFile(r io.Reader) ([]Key, error) {
 
 // parseLine reads one non-blank, non-comment line; index names an unnamed key.
 func parseLine(line string, index int) (Key, error) {
-	field, scopes, hasScopes := strings.Cut(line, " ")
-	if !hasScopes {
-		field, scopes, hasScopes = strings.Cut(line, "\t")
+	field, scopes, hasScopes := line, "", false
+	if i := strings.IndexAny(line, " \t"); i >= 0 {
+		field, scopes, hasScopes = line[:i], line[i+1:], true
 	}
 	scope := route.ScopeAdmin
 	if hasScopes {
 		s, err := ParseScopes(scopes)
 		if err != nil {
-			return Key{}, err
+			return Key{}, shapeError(field, scopes)
 		}
 		scope = s
 	}
@@ -158,6 +161,11 @@ func parseLine(line string, index int) (Key, error) {
 	}
 	if err := CheckName(name); err != nil {
 		return Key{}, err
+	}
+	if name == "sha256" && isHex64(rest) {
+		// "sha256:HEX" alone would otherwise be a key named sha256 whose
+		// secret is the hex text: the hash itself would be the key.
+		return Key{}, errors.New("a hashed key needs a name: write NAME:sha256:HEX (" + lineForms + ")")
 	}
 	if hexHash, hashed := strings.CutPrefix(rest, "sha256:"); hashed {
 		b, err := hex.DecodeString(hexHash)
@@ -174,4 +182,66 @@ func parseLine(line string, index int) (Key, error) {
 	k := NewKey(name, rest)
 	k.Scope = scope
 	return k, nil
+}
+
+// lineForms lists the line forms, for errors about a line's shape.
+const lineForms = "a line is KEY, NAME:KEY or NAME:sha256:HEX, optionally followed by read, submit or admin"
+
+// shapeError explains a line whose words after the first are not scopes. It
+// describes the line by the form its first word was read as and by word
+// counts: any word may be key material, so none is quoted, except a header
+// word (Bearer) or a name that passed CheckName, which are not secrets.
+func shapeError(first, after string) error {
+	words := strings.FieldsFunc(after, func(r rune) bool { return r == ',' || r == ' ' || r == '\t' })
+	bad := 0 // 1-based position among the words after the first
+	for i, w := range words {
+		if _, err := route.ParseScope(w); err != nil {
+			bad = i + 1
+			break
+		}
+	}
+	switch {
+	case strings.EqualFold(first, "Bearer") || strings.EqualFold(first, "Authorization:") || strings.EqualFold(first, "X-API-Key:"):
+		return fmt.Errorf("the line starts with %q, as an HTTP header does: write the key alone, without %q (%s)", first, first+" ", lineForms)
+	case strings.HasSuffix(first, ":") && strings.Count(first, ":") == 1 && CheckName(strings.TrimSuffix(first, ":")) == nil:
+		name := strings.TrimSuffix(first, ":")
+		return fmt.Errorf("read as the name %q with nothing after the colon, then %s: remove the space after the colon (%s:KEY; %s)", name, countWords(len(words)), name, lineForms)
+	case len(words) > 0 && strings.HasPrefix(words[0], ":"):
+		return fmt.Errorf("read as %s, then %s starting with ':': remove the space before the colon (NAME:KEY; %s)", readAs(first), countWords(len(words)), lineForms)
+	}
+	msg := fmt.Sprintf("unknown scope (want read, submit or admin): read as %s, then %s", readAs(first), countWords(len(words)))
+	if len(words) > 1 {
+		msg += fmt.Sprintf(", and word %d of them is not a scope", bad)
+	} else {
+		msg += " that is not a scope"
+	}
+	return fmt.Errorf("%s (a key cannot contain spaces; %s)", msg, lineForms)
+}
+
+// readAs names the form the first word of a line was read as, quoting only a
+// valid name.
+func readAs(first string) string {
+	name, rest, named := strings.Cut(first, ":")
+	switch {
+	case !named:
+		return "KEY"
+	case CheckName(name) != nil:
+		return "NAME:KEY with an invalid NAME"
+	case strings.HasPrefix(rest, "sha256:"):
+		return fmt.Sprintf("%s:sha256:HEX", name)
+	default:
+		return fmt.Sprintf("%s:KEY", name)
+	}
+}
+
+func countWords(n int) string {
+	if n == 1 {
+		return "1 more word"
+	}
+	return fmt.Sprintf("%d more words", n)
+}
+
+func isHex64(s string) bool {
+	b, err := hex.DecodeString(s)
+	return err == nil && len(b) == len(KeyID{})
 }

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -215,11 +216,14 @@ func Usage(w io.Writer) {
 
 Usage:
   comfygate [flags]
-  comfygate keys new|hash|check ...   (make, hash and check keys; see comfygate keys --help)
+  comfygate demo [--listen 127.0.0.1:8188]   (try it: a SIMULATED ComfyUI behind comfygate, with a fresh key)
+  comfygate keys new|hash|check ...          (make, hash and check keys; see comfygate keys --help)
 
 Every flag can also be set by an environment variable: --api-key-file is
 COMFYGATE_API_KEY_FILE, --protect-ws is COMFYGATE_PROTECT_WS. A flag given on
-the command line wins over the environment.
+the command line wins over the environment. Any other COMFYGATE_ variable
+(a misspelt one, say) stops start-up, except COMFYGATE_URL and
+COMFYGATE_TIMEOUT, which only the example clients read.
 
 Flags:
 %s`, fs.FlagUsages())
@@ -228,13 +232,180 @@ Flags:
 // Load parses args (without the program name) and the environment seen
 // through lookupEnv, validates the result and reads the key file. All
 // problems are reported together in one error, each naming its flag.
+//
+// Load cannot see which variables are set, only look them up, so it cannot
+// refuse a misspelt one; the program calls LoadEnviron instead.
 func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error) {
+	return load(args, lookupEnv, nil)
+}
+
+// LoadEnviron is Load for an environment given as os.Environ gives it
+// ("NAME=value" entries). On top of what Load checks, it refuses every set
+// COMFYGATE_ variable that is not a flag's (nor one of ClientVariables):
+// COMFYGATE_API_KEYFILE for COMFYGATE_API_KEY_FILE would otherwise start a
+// gateway without a key.
+func LoadEnviron(args, environ []string) (*Config, error) {
+	lookup, names := envLookup(environ)
+	return load(args, lookup, names)
+}
+
+// ClientVariables are COMFYGATE_ variables that comfygate's example clients
+// and scripts read (the gateway's URL, how long a client waits) and that
+// comfygate itself ignores, so that a shell set up for the examples can
+// also start the gateway.
+var ClientVariables = []string{"COMFYGATE_URL", "COMFYGATE_TIMEOUT"}
+
+// envLookup indexes environ. Windows compares variable names without regard
+// to case, as os.LookupEnv does there.
+func envLookup(environ []string) (func(string) (string, bool), []string) {
+	fold := func(s string) string { return s }
+	if runtime.GOOS == "windows" {
+		fold = strings.ToUpper
+	}
+	m := make(map[string]string, len(environ))
+	var names []string
+	for _, kv := range environ {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" { // Windows keeps "=C:=C:\dir" entries
+			continue
+		}
+		if _, dup := m[fold(k)]; !dup {
+			names = append(names, k)
+		}
+		m[fold(k)] = v
+	}
+	return func(k string) (string, bool) { v, ok := m[fold(k)]; return v, ok }, names
+}
+
+// unknownVariables returns a problem for every name in names that looks
+// like one of comfygate's variables (the COMFYGATE_ prefix, in any case)
+// but is not the variable of a flag in fs nor a client variable.
+func unknownVariables(fs *pflag.FlagSet, names []string, lookupEnv func(string) (string, bool)) []string {
+	value := func(name string) string { v, _ := lookupEnv(name); return v }
+	known := map[string]bool{}
+	var flagVars []string
+	fs.VisitAll(func(f *pflag.Flag) {
+		known[EnvName(f.Name)] = true
+		if f.Name != "help" && f.Name != "version" {
+			flagVars = append(flagVars, EnvName(f.Name))
+		}
+	})
+	for _, n := range ClientVariables {
+		known[n] = true
+	}
+	var problems []string
+	for _, name := range names {
+		upper := strings.ToUpper(name)
+		if !strings.HasPrefix(upper, EnvPrefix) {
+			continue
+		}
+		if known[name] || (runtime.GOOS == "windows" && known[upper]) {
+			continue
+		}
+		var msg string
+		switch {
+		case known[upper]:
+			msg = fmt.Sprintf("%s: variable names are upper case: did you mean %s?", name, upper)
+		case serviceLink(upper, value(name)) != "":
+			msg = fmt.Sprintf("%s: not a comfygate variable: Kubernetes sets it for the Service %q; set enableServiceLinks: false in the Pod spec",
+				name, serviceLink(upper, value(name)))
+		default:
+			if s := suggest(upper, flagVars); s != "" {
+				msg = fmt.Sprintf("%s: unknown variable: did you mean %s?", name, s)
+			} else {
+				msg = fmt.Sprintf("%s: unknown variable: no comfygate flag is called --%s; unset it (see comfygate --help)", name,
+					strings.ToLower(strings.ReplaceAll(strings.TrimPrefix(upper, EnvPrefix), "_", "-")))
+			}
+		}
+		problems = append(problems, msg)
+	}
+	return problems
+}
+
+// serviceLinkRE matches the variables Kubernetes puts in every container for
+// each Service of the namespace, unless the Pod sets enableServiceLinks:
+// false: for a Service "comfygate", COMFYGATE_SERVICE_HOST,
+// COMFYGATE_SERVICE_PORT(_HTTP), COMFYGATE_PORT_8188_TCP(_PROTO|_PORT|_ADDR)
+// and COMFYGATE_PORT=tcp://….
+var serviceLinkRE = regexp.MustCompile(`^([A-Z0-9_]+?)_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_[0-9]+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?|PORT)$`)
+
+// serviceLink returns the name of the Kubernetes Service that the variable
+// name=value describes, or "" if it is not a service link.
+func serviceLink(name, value string) string {
+	m := serviceLinkRE.FindStringSubmatch(name)
+	if m == nil {
+		return ""
+	}
+	if m[2] == "PORT" && !strings.Contains(value, "://") { // tcp://10.0.0.1:8188
+		return ""
+	}
+	return strings.ToLower(strings.ReplaceAll(m[1], "_", "-"))
+}
+
+// suggest returns the candidate closest to name, or "" if none is close:
+// within a few edits, or containing or contained in name's part after the
+// prefix.
+func suggest(name string, candidates []string) string {
+	best, bestD := "", 4 // at most 3 edits
+	short := strings.TrimPrefix(strings.TrimPrefix(name, EnvPrefix), "--")
+	for _, c := range candidates {
+		d := editDistance(name, c)
+		cs := strings.TrimPrefix(strings.TrimPrefix(c, EnvPrefix), "--")
+		if d >= bestD && len(short) >= 4 && (strings.Contains(cs, short) || strings.Contains(short, cs)) {
+			d = 3 // a part of the name, or the name with something added
+		}
+		if d < bestD {
+			best, bestD = c, d
+		}
+	}
+	return best
+}
+
+// editDistance is the Levenshtein distance between a and b (bytes).
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+// flagProblem rewrites pflag's parse error, adding the likely flag to an
+// unknown one.
+func flagProblem(fs *pflag.FlagSet, err error) string {
+	msg := err.Error()
+	if name, ok := strings.CutPrefix(msg, "unknown flag: --"); ok {
+		var flags []string
+		fs.VisitAll(func(f *pflag.Flag) { flags = append(flags, "--"+f.Name) })
+		if s := suggest("--"+name, flags); s != "" {
+			return msg + ": did you mean " + s + "? (see comfygate --help)"
+		}
+	}
+	return msg + " (see comfygate --help)"
+}
+
+func load(args []string, lookupEnv func(string) (string, bool), envNames []string) (*Config, error) {
 	var r raw
 	fs := newFlagSet(&r)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
+	// Misspelt variables first: they are as likely to be why a flag seems
+	// missing as anything on the command line.
+	problems := unknownVariables(fs, envNames, lookupEnv)
 	if err := fs.Parse(bareCORSFlag(args)); err != nil {
-		return nil, &Error{Problems: []string{err.Error() + " (see comfygate --help)"}}
+		return nil, &Error{Problems: append(problems, flagProblem(fs, err))}
 	}
 	if help, _ := fs.GetBool("help"); help {
 		return nil, ErrHelp
@@ -243,10 +414,9 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		return nil, ErrVersion
 	}
 	if fs.NArg() > 0 {
-		return nil, &Error{Problems: []string{fmt.Sprintf("unexpected argument %q: comfygate takes only flags (see comfygate --help)", fs.Arg(0))}}
+		return nil, &Error{Problems: append(problems, fmt.Sprintf("unexpected argument %q: comfygate takes only flags (see comfygate --help)", fs.Arg(0)))}
 	}
 
-	var problems []string
 	fromEnv := map[string]bool{}
 	fs.VisitAll(func(f *pflag.Flag) {
 		if f.Changed || f.Name == "help" || f.Name == "version" {
@@ -257,7 +427,11 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 			return
 		}
 		if err := f.Value.Set(v); err != nil {
-			problems = append(problems, fmt.Sprintf("%s: %q is not a valid %s", EnvName(f.Name), v, f.Value.Type()))
+			msg := fmt.Sprintf("%s: %q is not a valid %s", EnvName(f.Name), v, f.Value.Type())
+			if svc := serviceLink(EnvName(f.Name), v); svc != "" {
+				msg += fmt.Sprintf("; Kubernetes sets it for the Service %q: set enableServiceLinks: false in the Pod spec", svc)
+			}
+			problems = append(problems, msg)
 			return
 		}
 		fromEnv[f.Name] = true
@@ -373,6 +547,12 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 			add("metrics-listen", "%q is not a host name or IP address", host)
 		}
 	}
+	if r.metricsListen != "" && len(c.Listen) > 0 && r.port >= 1 && r.port <= 65535 {
+		if h := sharesAddress(r.metricsListen, c.Listen, r.port); h != "" {
+			add("metrics-listen", "%s is taken by the main listener (--listen %s --port %d); give /metrics and the probes their own port, e.g. %s",
+				r.metricsListen, h, r.port, net.JoinHostPort(loopbackOr(h), "9188"))
+		}
+	}
 	if r.sessionTTL < time.Minute {
 		add("session-ttl", "must be at least 1m, got %s", r.sessionTTL)
 	}
@@ -447,8 +627,8 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 		}
 	}
 	if fs.Changed("api-key-file") || fromEnv["api-key-file"] {
-		keys, warn, err := readKeyFile(r.apiKeyFile)
-		if err != nil {
+		keys, warn, errs := readKeyFile(r.apiKeyFile)
+		for _, err := range errs {
 			add("api-key-file", "%v", err)
 		}
 		c.KeyFile = r.apiKeyFile
@@ -460,13 +640,8 @@ func Load(args []string, lookupEnv func(string) (string, bool)) (*Config, error)
 			c.Warnings = append(c.Warnings, fmt.Sprintf("key %s is shorter than %d characters; generate a long random one, e.g. openssl rand -hex 32", k.Name, auth.MinRecommendedKeyLen))
 		}
 	}
-	if len(c.Keys) == 0 {
-		for _, h := range c.Listen {
-			if !isLoopback(h) {
-				c.Warnings = append(c.Warnings, fmt.Sprintf("listening on %s without an API key: anyone who can reach this port can use ComfyUI; set --api-key-file", h))
-				break
-			}
-		}
+	if len(c.Keys) == 0 && len(problems) == 0 {
+		c.Warnings = append(c.Warnings, authOffWarning(c))
 	}
 
 	if len(problems) > 0 {
@@ -483,36 +658,124 @@ func (e *Error) Error() string {
 }
 
 // readKeyFile reads and parses a key file. Its warnings cover file
-// permissions; its error names every bad line.
-func readKeyFile(path string) ([]auth.Key, []string, error) {
+// permissions; its errors name every bad line, one error per line.
+func readKeyFile(path string) ([]auth.Key, []string, []error) {
 	if path == "" {
-		return nil, nil, errors.New("is empty")
+		return nil, nil, []error{errors.New("is empty")}
 	}
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, nil, fmt.Errorf("cannot read %s: %v", path, unwrapPathError(err))
+		return nil, nil, []error{fmt.Errorf("cannot read %s: %v", path, unwrapPathError(err))}
 	}
 	defer f.Close()
 	var warnings []string
 	if st, err := f.Stat(); err == nil {
 		if st.IsDir() {
-			return nil, nil, fmt.Errorf("%s is a directory, not a key file", path)
+			return nil, nil, []error{fmt.Errorf("%s is a directory, not a key file", path)}
 		}
-		// Windows has no such mode bits (Go reports every file as 0666 or
-		// 0444); who may read the file is up to its ACL there.
-		if runtime.GOOS != "windows" && st.Mode().Perm()&0o077 != 0 {
-			warnings = append(warnings, fmt.Sprintf("key file %s can be read by other users (mode %04o); run chmod 600 %s", path, st.Mode().Perm(), path))
+		if w := permissionWarning(path, st.Mode().Perm()); w != "" {
+			warnings = append(warnings, w)
 		}
 	}
 	keys, err := auth.ParseKeyFile(f)
 	if err != nil {
-		lines := strings.ReplaceAll(err.Error(), "\n", "; ")
-		return nil, warnings, fmt.Errorf("%s: %s", path, lines)
+		var errs []error
+		for _, line := range strings.Split(err.Error(), "\n") {
+			errs = append(errs, fmt.Errorf("%s: %s", path, line))
+		}
+		return nil, warnings, errs
 	}
 	if len(keys) == 0 {
-		return nil, warnings, fmt.Errorf("%s holds no key (one key per line; # starts a comment)", path)
+		return nil, warnings, []error{fmt.Errorf("%s holds no key (one key per line; # starts a comment)", path)}
 	}
 	return keys, warnings, nil
+}
+
+// permissionWarning says what is wrong with a key file's mode, or "".
+//
+// It warns when users other than the owner and the file's group can read or
+// write the file, or when the group can write it. Group read access alone
+// is deliberate: a Kubernetes Secret volume with fsGroup and defaultMode
+// 0440, or chown root:comfygate with chmod 640, is how a service account
+// that does not own the file is let in, and cannot be "fixed" with chmod.
+//
+// Windows has no such mode bits (Go reports every file as 0666 or 0444);
+// who may read the file is up to its ACL there.
+func permissionWarning(path string, perm os.FileMode) string {
+	if runtime.GOOS == "windows" {
+		return ""
+	}
+	switch {
+	case perm&0o004 != 0:
+		return fmt.Sprintf("key file %s can be read by every user of this machine (mode %04o); run chmod 600 %s (or 640 to share it with the file's group)", path, perm, path)
+	case perm&0o002 != 0:
+		return fmt.Sprintf("key file %s can be changed by every user of this machine (mode %04o); run chmod 600 %s (or 640 to share it with the file's group)", path, perm, path)
+	case perm&0o020 != 0:
+		return fmt.Sprintf("key file %s can be changed by its group (mode %04o); run chmod 600 %s (or 640 to let the group read it)", path, perm, path)
+	}
+	return ""
+}
+
+// authOffWarning says plainly that no key is configured and who can
+// therefore use ComfyUI.
+func authOffWarning(c *Config) string {
+	for _, h := range c.Listen {
+		if !isLoopback(h) {
+			return fmt.Sprintf("authentication is OFF: listening on %s without an API key, so anyone who can reach this port can use ComfyUI; set --api-key-file", h)
+		}
+	}
+	return fmt.Sprintf("authentication is OFF: no API key is configured, so anyone who can reach %s (every user and program on this machine) can use ComfyUI; set --api-key-file",
+		strings.Join(c.Addrs(), ", "))
+}
+
+// sharesAddress returns the --listen host that metrics (host:port) would
+// collide with on port, or "". An unspecified host (0.0.0.0, ::, empty)
+// takes the port on every address, so it collides with any host; localhost
+// is its loopback addresses.
+func sharesAddress(metrics string, listen []string, port int) string {
+	mh, mp, err := net.SplitHostPort(metrics)
+	if err != nil {
+		return ""
+	}
+	if p, err := strconv.Atoi(mp); err != nil || p != port {
+		return ""
+	}
+	for _, h := range listen {
+		if anyAddr(mh) || anyAddr(h) || sameHost(mh, h) {
+			return h
+		}
+	}
+	return ""
+}
+
+func anyAddr(h string) bool {
+	ip := net.ParseIP(h)
+	return h == "" || ip != nil && ip.IsUnspecified()
+}
+
+func sameHost(a, b string) bool {
+	if strings.EqualFold(a, b) {
+		return true
+	}
+	ipA, ipB := net.ParseIP(a), net.ParseIP(b)
+	switch {
+	case ipA != nil && ipB != nil:
+		return ipA.Equal(ipB)
+	case strings.EqualFold(a, "localhost"):
+		return ipB != nil && ipB.IsLoopback()
+	case strings.EqualFold(b, "localhost"):
+		return ipA != nil && ipA.IsLoopback()
+	}
+	return false
+}
+
+// loopbackOr returns h if it is a loopback address, else 127.0.0.1, for an
+// example of a free metrics address.
+func loopbackOr(h string) string {
+	if isLoopback(h) {
+		return h
+	}
+	return "127.0.0.1"
 }
 
 func unwrapPathError(err error) error {

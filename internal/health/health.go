@@ -31,9 +31,20 @@ type Options struct {
 	Client *http.Client
 	// GatewayVersion is reported as gateway_version.
 	GatewayVersion string
-	// Logger receives the details of failed checks. Nil means slog.Default().
+	// Logger receives the changes of ComfyUI's state: down (warn, with the
+	// details), still down (warn, every StillDownEvery), up again (info,
+	// with the downtime). Every failed check is logged at debug. Nil means
+	// slog.Default().
 	Logger *slog.Logger
+	// StillDownEvery is how often a ComfyUI that stays down is logged
+	// again. Default 5m.
+	StillDownEvery time.Duration
+	// Now returns the current time. Nil means time.Now; tests set a clock.
+	Now func() time.Time
 }
+
+// DefaultStillDownEvery is the default Options.StillDownEvery.
+const DefaultStillDownEvery = 5 * time.Minute
 
 // maxBody caps what is read from ComfyUI; /queue holds whole workflow graphs.
 const maxBody = 64 << 20
@@ -52,6 +63,9 @@ type Report struct {
 
 	// Devices lists every device ComfyUI reported, for metrics.
 	Devices []Device `json:"-"`
+
+	// err is the detail of an unhealthy report, for the log only.
+	err error
 }
 
 // Device is one of ComfyUI's devices and its memory in bytes.
@@ -86,6 +100,16 @@ type Checker struct {
 	last   *Report
 	lastAt time.Time
 	call   *call
+	state  upstreamState
+}
+
+// upstreamState is what the log has been told about ComfyUI, so that it
+// hears of changes rather than of every check.
+type upstreamState struct {
+	down     bool
+	since    time.Time // when the first failed check of this outage ended
+	logged   time.Time // when the outage was last logged
+	failures int       // failed checks in this outage
 }
 
 type call struct {
@@ -100,6 +124,12 @@ func New(base *url.URL, opts Options) *Checker {
 	}
 	if opts.TTL <= 0 {
 		opts.TTL = time.Second
+	}
+	if opts.StillDownEvery <= 0 {
+		opts.StillDownEvery = DefaultStillDownEvery
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
 	}
 	if opts.Client == nil {
 		opts.Client = &http.Client{Transport: &http.Transport{
@@ -135,7 +165,7 @@ func (c *Checker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // result of the check in progress if there is one, or a new check's.
 func (c *Checker) Check(ctx context.Context) *Report {
 	c.mu.Lock()
-	if c.last != nil && time.Since(c.lastAt) < c.opts.TTL {
+	if c.last != nil && c.opts.Now().Sub(c.lastAt) < c.opts.TTL {
 		rep := c.last
 		c.mu.Unlock()
 		return rep
@@ -160,10 +190,12 @@ func (c *Checker) Check(ctx context.Context) *Report {
 	cancel()
 
 	c.mu.Lock()
-	c.last, c.lastAt, c.call = rep, time.Now(), nil
+	c.last, c.lastAt, c.call = rep, c.opts.Now(), nil
+	logChange := c.observe(rep)
 	c.mu.Unlock()
 	cl.report = rep
 	close(cl.done)
+	logChange()
 	return rep
 }
 
@@ -224,7 +256,7 @@ func (c *Checker) probe(ctx context.Context) *Report {
 	return &Report{
 		Status:         "healthy",
 		Version:        version,
-		Timestamp:      unixSeconds(time.Now()),
+		Timestamp:      unixSeconds(c.opts.Now()),
 		Queue:          &Queue{Pending: len(queue.Pending), Running: len(queue.Running)},
 		Device:         deviceName(d.Type, d.Index, d.Name),
 		VRAM:           &VRAM{Total: d.VRAMTotal, Free: d.VRAMFree, Used: used},
@@ -304,13 +336,59 @@ func clientMessage(err error, timeout time.Duration) string {
 }
 
 func (c *Checker) unhealthy(msg string, err error) *Report {
-	c.log.Warn("health check failed", "reason", msg, "err", err)
 	return &Report{
 		Status:         "unhealthy",
 		Error:          msg,
-		Timestamp:      unixSeconds(time.Now()),
+		Timestamp:      unixSeconds(c.opts.Now()),
 		GatewayVersion: c.opts.GatewayVersion,
+		err:            err,
 	}
+}
+
+// observe updates what is known of ComfyUI's state with the report of a
+// check that just finished, and returns what to log about it, to be called
+// once c.mu is released. While ComfyUI is down, a check every few seconds
+// (the background monitor's, and /health's) would otherwise log a warning
+// each: hundreds of identical lines an hour. The log hears of the outage
+// when it starts, every StillDownEvery while it lasts, and when it ends.
+func (c *Checker) observe(rep *Report) func() {
+	now := c.opts.Now()
+	st := &c.state
+	if rep.Healthy() {
+		if !st.down {
+			return func() {}
+		}
+		downFor, failures := now.Sub(st.since), st.failures
+		*st = upstreamState{}
+		return func() {
+			c.log.Info("ComfyUI is up again", "upstream", c.base.Redacted(), "down_for", roundDuration(downFor).String(), "failed_checks", failures)
+		}
+	}
+	msg, err := rep.Error, rep.err
+	if !st.down {
+		*st = upstreamState{down: true, since: now, logged: now, failures: 1}
+		return func() {
+			c.log.Warn("ComfyUI is down: health check failed", "upstream", c.base.Redacted(), "reason", msg, "err", err)
+		}
+	}
+	st.failures++
+	if now.Sub(st.logged) < c.opts.StillDownEvery {
+		return func() { c.log.Debug("health check failed", "upstream", c.base.Redacted(), "reason", msg, "err", err) }
+	}
+	st.logged = now
+	downFor, failures := now.Sub(st.since), st.failures
+	return func() {
+		c.log.Warn("ComfyUI is still down", "upstream", c.base.Redacted(), "down_for", roundDuration(downFor).String(), "failed_checks", failures, "reason", msg, "err", err)
+	}
+}
+
+// roundDuration rounds d for a log line: whole seconds, or milliseconds
+// under a second.
+func roundDuration(d time.Duration) time.Duration {
+	if d < time.Second {
+		return d.Round(time.Millisecond)
+	}
+	return d.Round(time.Second)
 }
 
 func unixSeconds(t time.Time) float64 {
