@@ -67,7 +67,7 @@ func run(ctx context.Context, args, environ []string, stdin io.Reader, stdout, s
 	}
 	if cfg.CheckConfig {
 		fmt.Fprintf(stdout, "configuration OK: %s, upstream %s, listening on %s\n",
-			plural(len(cfg.Keys), "key"), cfg.Upstream.Redacted(), strings.Join(cfg.Addrs(), ", "))
+			plural(len(cfg.Keys), "key"), upstreams(cfg), strings.Join(cfg.Addrs(), ", "))
 		if !cfg.AuthEnabled() {
 			fmt.Fprintf(stdout, "authentication is OFF: no API key is configured, so anyone who can reach %s can use ComfyUI; set --api-key-file\n",
 				strings.Join(cfg.Addrs(), ", "))
@@ -114,7 +114,7 @@ func run(ctx context.Context, args, environ []string, stdin io.Reader, stdout, s
 	for _, ln := range lns {
 		logger.Info("comfygate listening",
 			"url", scheme+"://"+ln.Addr().String(),
-			"upstream", cfg.Upstream.Redacted(),
+			"upstream", upstreams(cfg),
 			"auth", cfg.AuthEnabled(),
 			"keys", len(cfg.Keys),
 			"protect_ws", cfg.ProtectWS,
@@ -129,6 +129,22 @@ func plural(n int, noun string) string {
 		return "1 " + noun
 	}
 	return fmt.Sprintf("%d %ss", n, noun)
+}
+
+// upstreams names the ComfyUI servers for the start-up lines.
+func upstreams(cfg *config.Config) string {
+	if cfg.UpstreamsFile != "" {
+		return fmt.Sprintf("%d server(s) from %s", len(cfg.Upstreams), cfg.UpstreamsFile)
+	}
+	var out []string
+	for _, u := range cfg.Upstreams {
+		s := u.URL.Redacted()
+		if u.Name != u.URL.Host {
+			s = u.Name + "=" + s
+		}
+		out = append(out, s)
+	}
+	return strings.Join(out, ", ")
 }
 
 func newLogger(cfg *config.Config, w io.Writer) *slog.Logger {

@@ -38,8 +38,17 @@ type Config struct {
 	// Port is the TCP port for every listen address. Default 8188, the port
 	// ComfyUI clients expect.
 	Port int
-	// Upstream is ComfyUI's base URL. Default http://127.0.0.1:8189.
+	// Upstream is ComfyUI's base URL, the first of Upstreams. Default
+	// http://127.0.0.1:8189.
 	Upstream *url.URL
+	// Upstreams are the ComfyUI servers (--upstream, repeated, or
+	// --upstreams-file). More than one, or a file, is fleet mode.
+	Upstreams []UpstreamSpec
+	// UpstreamsFile is the --upstreams-file path, watched for changes.
+	UpstreamsFile string
+	// FleetPollInterval is how often the fleet polls every server.
+	// Default 2s; tests shorten it.
+	FleetPollInterval time.Duration
 	// Keys are the API keys, hashed: StaticKeys followed by the key file's.
 	// Empty means authentication is off and comfygate is a pure pass-through
 	// (plus /health).
@@ -126,27 +135,29 @@ var (
 
 // raw holds flag values before validation.
 type raw struct {
-	listen, upstream, apiKey, apiKeyFile string
-	certFile, keyFile                    string
-	port                                 int
-	maxUploadMB                          float64
-	healthTimeout, upstreamTimeout       time.Duration
-	shutdownTimeout                      time.Duration
-	headerTimeout, bodyTimeout           time.Duration
-	idleTimeout                          time.Duration
-	corsOrigin                           string
-	protectWS, checkConfig, version      bool
-	logFormat, logLevel                  string
-	trustedProxies                       []string
-	lockoutAttempts                      int
-	lockoutWindow                        time.Duration
-	keyRate, keyPrompts                  float64
-	auditLog                             string
-	metricsListen                        string
-	login                                bool
-	sessionTTL                           time.Duration
-	maxQueue                             int
-	metricsInterval                      time.Duration
+	listen, apiKey, apiKeyFile      string
+	upstreams                       []string
+	upstreamsFile                   string
+	certFile, keyFile               string
+	port                            int
+	maxUploadMB                     float64
+	healthTimeout, upstreamTimeout  time.Duration
+	shutdownTimeout                 time.Duration
+	headerTimeout, bodyTimeout      time.Duration
+	idleTimeout                     time.Duration
+	corsOrigin                      string
+	protectWS, checkConfig, version bool
+	logFormat, logLevel             string
+	trustedProxies                  []string
+	lockoutAttempts                 int
+	lockoutWindow                   time.Duration
+	keyRate, keyPrompts             float64
+	auditLog                        string
+	metricsListen                   string
+	login                           bool
+	sessionTTL                      time.Duration
+	maxQueue                        int
+	metricsInterval                 time.Duration
 }
 
 func newFlagSet(r *raw) *pflag.FlagSet {
@@ -154,7 +165,8 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.SortFlags = false
 	fs.StringVar(&r.listen, "listen", "127.0.0.1", "address(es) to listen on, comma-separated; 0.0.0.0 for every IPv4 interface")
 	fs.IntVar(&r.port, "port", 8188, "port to listen on")
-	fs.StringVar(&r.upstream, "upstream", "http://127.0.0.1:8189", "ComfyUI's base URL")
+	fs.StringSliceVar(&r.upstreams, "upstream", []string{"http://127.0.0.1:8189"}, "ComfyUI's base URL; repeat it (or comma-separate) for a fleet of servers, each URL or NAME=URL")
+	fs.StringVar(&r.upstreamsFile, "upstreams-file", "", "file with the fleet's servers, one URL or NAME=URL a line (optionally followed by drain); re-read when it changes")
 	fs.StringVar(&r.apiKey, "api-key", "", "an API key clients must send (prefer --api-key-file: the command line is visible to other users)")
 	fs.StringVar(&r.apiKeyFile, "api-key-file", "", "file with API keys, one per line; blank lines and # comments are ignored")
 	fs.BoolVar(&r.protectWS, "protect-ws", false, "require a key on the /ws WebSocket too (header, or ?api_key= / ?token=)")
@@ -493,19 +505,45 @@ func load(args []string, lookupEnv func(string) (string, bool), envNames []strin
 		add("port", "must be between 1 and 65535, got %d", r.port)
 	}
 
-	// Upstream.
-	if u, err := url.Parse(r.upstream); err != nil {
-		add("upstream", "not a URL: %v", err)
-	} else if u.Scheme != "http" && u.Scheme != "https" {
-		add("upstream", "scheme must be http or https, got %q (example: http://127.0.0.1:8189)", u.Scheme)
-	} else if u.Host == "" {
-		add("upstream", "no host in %q (example: http://127.0.0.1:8189)", r.upstream)
-	} else if u.User != nil || u.RawQuery != "" || u.Fragment != "" {
-		add("upstream", "must be a base URL without user info, query or fragment")
-	} else {
-		u.Path = strings.TrimSuffix(u.Path, "/")
-		u.RawPath = ""
-		c.Upstream = u
+	// Upstreams.
+	c.FleetPollInterval = 2 * time.Second
+	switch {
+	case r.upstreamsFile != "" && fs.Changed("upstream") || r.upstreamsFile != "" && fromEnv["upstream"]:
+		add("upstreams-file", "give either %s or --upstreams-file, not both", name("upstream"))
+	case r.upstreamsFile != "":
+		c.UpstreamsFile = r.upstreamsFile
+		specs, bad, err := ReadUpstreamsFile(r.upstreamsFile)
+		if err != nil {
+			add("upstreams-file", "%v", err)
+		}
+		for _, b := range bad {
+			add("upstreams-file", "%s: %s", r.upstreamsFile, b)
+		}
+		if err == nil && len(bad) == 0 && len(specs) == 0 {
+			add("upstreams-file", "%s lists no server", r.upstreamsFile)
+		}
+		c.Upstreams = specs
+	default:
+		for _, v := range r.upstreams {
+			spec, err := ParseUpstream(v)
+			if err != nil {
+				add("upstream", "%v", err)
+				continue
+			}
+			c.Upstreams = append(c.Upstreams, spec)
+		}
+		for _, p := range duplicateNames(c.Upstreams) {
+			add("upstream", "%s", p)
+		}
+	}
+	if len(c.Upstreams) > 0 {
+		c.Upstream = c.Upstreams[0].URL
+	}
+	for _, u := range c.Upstreams {
+		if pointsAtSelf(u.URL, c.Listen, c.Port) {
+			add("upstream", "%s is comfygate's own address (--listen %s --port %d): point it at ComfyUI, which must listen on another port, such as 8189",
+				u.URL.Redacted(), strings.Join(c.Listen, ","), c.Port)
+		}
 	}
 
 	// Client addresses, lockout and limits.
@@ -802,6 +840,10 @@ func (c *Config) Addrs() []string {
 	}
 	return addrs
 }
+
+// Fleet reports whether comfygate routes over several ComfyUI servers
+// (more than one upstream, or an upstreams file).
+func (c *Config) Fleet() bool { return len(c.Upstreams) > 1 || c.UpstreamsFile != "" }
 
 // AuthEnabled reports whether any key is configured.
 func (c *Config) AuthEnabled() bool { return len(c.Keys) > 0 }

@@ -26,8 +26,15 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/upstream"
 )
+
+// RouterFunc is a Router made of a function.
+type RouterFunc func(server string, msg map[string]any) string
+
+// Route calls f.
+func (f RouterFunc) Route(server string, msg map[string]any) string { return f(server, msg) }
 
 // Router says where a server's message goes and how the client sees it.
 type Router interface {
@@ -113,6 +120,7 @@ type outMsg struct {
 // client is one client socket.
 type client struct {
 	id    string
+	keyID [32]byte // the key that opened it (zero: none)
 	conn  *websocket.Conn
 	queue chan outMsg
 	done  chan struct{}
@@ -155,7 +163,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // Accept answered
 	}
 	conn.SetReadLimit(1 << 20)
-	c := &client{id: id, conn: conn, queue: make(chan outMsg, h.opts.ClientQueue), done: make(chan struct{})}
+	c := &client{id: id, keyID: reqscope.From(r.Context()).KeyID, conn: conn, queue: make(chan outMsg, h.opts.ClientQueue), done: make(chan struct{})}
 	greeting, _ := json.Marshal(map[string]any{"type": "status", "data": map[string]any{
 		"status": map[string]any{"exec_info": map[string]any{"queue_remaining": h.QueueRemaining()}},
 		"sid":    id,
@@ -319,6 +327,36 @@ func (h *Hub) Sync(ctx context.Context, ups []*upstream.Upstream) {
 			delete(h.servers, u)
 		}
 	}
+}
+
+// CloseKeys ends the client sockets opened with any of the keys in ids,
+// with 1008 ("API key revoked"), and returns how many it closed.
+func (h *Hub) CloseKeys(ids map[[32]byte]bool) int {
+	h.mu.Lock()
+	var cs []*client
+	for _, set := range h.clients {
+		for c := range set {
+			if ids[c.keyID] {
+				cs = append(cs, c)
+			}
+		}
+	}
+	h.mu.Unlock()
+	for _, c := range cs {
+		c.close(websocket.StatusPolicyViolation, "API key revoked")
+	}
+	return len(cs)
+}
+
+// Open counts the client sockets.
+func (h *Hub) Open() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, set := range h.clients {
+		n += len(set)
+	}
+	return n
 }
 
 // Close ends every client socket with 1001 (going away).

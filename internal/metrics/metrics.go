@@ -42,6 +42,15 @@ type Metrics struct {
 	bytes            *prometheus.CounterVec
 	keyReloads       *prometheus.CounterVec
 	keysLoaded       prometheus.Gauge
+
+	// The fleet's, by server (registered when there are several).
+	fleetUp          *prometheus.GaugeVec
+	fleetPending     *prometheus.GaugeVec
+	fleetRunning     *prometheus.GaugeVec
+	fleetDispatched  *prometheus.CounterVec
+	fleetResubmitted *prometheus.CounterVec
+	fleetStolen      *prometheus.CounterVec
+	fleetErrors      *prometheus.CounterVec
 }
 
 // Sources are figures read at scrape time from other parts of comfygate.
@@ -97,6 +106,63 @@ func New(version string, src Sources) *Metrics {
 	}
 	m.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// EnableFleet registers the fleet's metrics, each with an upstream label.
+func (m *Metrics) EnableFleet() {
+	f := factory{m.reg}
+	m.fleetUp = f.gaugeVec("fleet_upstream_up", "1 if the fleet's last poll of the ComfyUI server succeeded, else 0.", "upstream")
+	m.fleetPending = f.gaugeVec("fleet_queue_pending", "Prompts waiting on each ComfyUI server at the last poll.", "upstream")
+	m.fleetRunning = f.gaugeVec("fleet_queue_running", "Prompts running on each ComfyUI server at the last poll.", "upstream")
+	m.fleetDispatched = f.counterVec("fleet_prompts_dispatched_total", "Prompts queued by the fleet, by the server chosen.", "upstream")
+	m.fleetResubmitted = f.counterVec("fleet_prompts_resubmitted_total", "Prompts queued again because their server died or lost them, by the server they went to.", "upstream")
+	m.fleetStolen = f.counterVec("fleet_prompts_stolen_total", "Waiting prompts moved to an idle server, by the server they went to.", "upstream")
+	m.fleetErrors = f.counterVec("fleet_upstream_errors_total", "Requests that got no answer from a ComfyUI server, by server and reason.", "upstream", "reason")
+}
+
+// FleetServer records one server's state at a fleet poll.
+func (m *Metrics) FleetServer(name string, up bool, pending, running int) {
+	if m.fleetUp == nil {
+		return
+	}
+	if !up {
+		m.fleetUp.WithLabelValues(name).Set(0)
+		return
+	}
+	m.fleetUp.WithLabelValues(name).Set(1)
+	m.fleetPending.WithLabelValues(name).Set(float64(pending))
+	m.fleetRunning.WithLabelValues(name).Set(float64(running))
+}
+
+// FleetServerGone forgets the series of a server that left the fleet.
+func (m *Metrics) FleetServerGone(name string) {
+	if m.fleetUp == nil {
+		return
+	}
+	for _, g := range []*prometheus.GaugeVec{m.fleetUp, m.fleetPending, m.fleetRunning} {
+		g.DeleteLabelValues(name)
+	}
+}
+
+// PromptDispatched counts a prompt the fleet queued on server.
+func (m *Metrics) PromptDispatched(server string) {
+	if m.fleetDispatched != nil {
+		m.fleetDispatched.WithLabelValues(server).Inc()
+	}
+}
+
+// PromptResubmitted counts a prompt queued again on server to.
+func (m *Metrics) PromptResubmitted(_, to string) {
+	if m.fleetResubmitted != nil {
+		m.fleetResubmitted.WithLabelValues(to).Inc()
+	}
+}
+
+// PromptStolen counts a waiting prompt moved to the idle server to.
+func (m *Metrics) PromptStolen(_, to string) {
+	if m.fleetStolen != nil {
+		m.fleetStolen.WithLabelValues(to).Inc()
+	}
 }
 
 // Registry returns the private registry (tests, extra collectors).
@@ -221,6 +287,13 @@ func (c wsBytesCollector) Collect(ch chan<- prometheus.Metric) {
 func (m *Metrics) ObserveExchange(r *http.Request, d time.Duration, reason string) {
 	if reason != "" {
 		m.upstreamErrors.WithLabelValues(reason).Inc()
+		if m.fleetErrors != nil {
+			server := reqscope.From(r.Context()).Upstream
+			if server == "" {
+				server = "none"
+			}
+			m.fleetErrors.WithLabelValues(server, reason).Inc()
+		}
 		return
 	}
 	label := reqscope.From(r.Context()).Route.Label

@@ -22,7 +22,9 @@ import (
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/clientip"
 	"github.com/comfygate/comfygate/internal/config"
+	"github.com/comfygate/comfygate/internal/fleet"
 	"github.com/comfygate/comfygate/internal/health"
+	"github.com/comfygate/comfygate/internal/hub"
 	"github.com/comfygate/comfygate/internal/login"
 	"github.com/comfygate/comfygate/internal/metrics"
 	"github.com/comfygate/comfygate/internal/proxy"
@@ -41,8 +43,13 @@ type Server struct {
 	metrics *metrics.Metrics
 	pool    *upstream.Pool
 	proxy   *proxy.Proxy
-	health  *health.Checker
-	monitor *health.Monitor
+	// fleet and hub route over several servers (nil with one).
+	fleet *fleet.Fleet
+	hub   *hub.Hub
+	// fleetNames are the servers the metrics last heard of.
+	fleetNames map[string]bool
+	health     *health.Checker
+	monitor    *health.Monitor
 	// sessions holds browser sessions (nil when login is off or no keys).
 	sessions *session.Store
 	handler  http.Handler
@@ -81,12 +88,19 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		WebSocketBytes: func() (int64, int64) { return s.proxy.StreamBytes() },
 	})
 	s.metrics.SetKeys(s.keys.KeySet().Len())
-	s.pool, err = upstream.NewPool([]upstream.Spec{{URL: cfg.Upstream}}, upstream.Options{
+	specs := make([]upstream.Spec, len(cfg.Upstreams))
+	for i, u := range cfg.Upstreams {
+		specs[i] = upstream.Spec{Name: u.Name, URL: u.URL}
+	}
+	s.pool, err = upstream.NewPool(specs, upstream.Options{
 		ResponseHeaderTimeout: cfg.UpstreamTimeout,
 		Transport:             transport, // nil outside tests
 	})
 	if err != nil {
 		return nil, err
+	}
+	for i, u := range s.pool.All() {
+		u.SetDraining(cfg.Upstreams[i].Drain)
 	}
 	s.proxy = proxy.New(s.pool, proxy.Options{
 		StripCredentials: len(cfg.Keys) > 0,
@@ -97,26 +111,56 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		Via:              s.via,
 		Logger:           logger,
 	})
-	s.health = health.New(cfg.Upstream, health.Options{
-		Timeout:        cfg.HealthTimeout,
-		TTL:            cfg.HealthTTL,
-		GatewayVersion: version,
-		Logger:         logger,
-	})
-	s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
 	s.keys.OnChange(s.keysChanged)
 	lockout := ratelimit.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
 
-	// comfygate's own endpoints. The probes never need a key; /metrics is
-	// behind the key on the main listener, or on --metrics-listen without.
-	public := map[string]http.Handler{
-		"/health":       s.health,
-		"/health/live":  s.monitor.Live(),
-		"/health/ready": s.monitor.Ready(),
+	// The end of the chain: ComfyUI through the proxy, or, with several
+	// servers, the fleet, which routes each request by its route and
+	// carries the sockets through the hub. comfygate's own endpoints: the
+	// probes never need a key; /metrics is behind the key on the main
+	// listener, or on --metrics-listen without.
+	var (
+		end    http.Handler = s.proxy
+		public map[string]http.Handler
+	)
+	if cfg.Fleet() {
+		s.metrics.EnableFleet()
+		s.hub = hub.New(hub.RouterFunc(func(server string, msg map[string]any) string { return s.fleet.Route(server, msg) }),
+			hub.Options{Logger: logger})
+		s.fleet = fleet.New(s.pool, s.proxy, fleet.Options{
+			PollInterval: cfg.FleetPollInterval,
+			PollTimeout:  cfg.HealthTimeout,
+			MaxBodyBytes: cfg.MaxBodyBytes,
+			Hub:          s.hub,
+			ClientID:     s.hub.ID,
+			Events: fleet.Events{
+				Dispatched:  s.metrics.PromptDispatched,
+				Resubmitted: s.metrics.PromptResubmitted,
+				Stolen:      s.metrics.PromptStolen,
+				Polled:      s.fleetPolled,
+			},
+			Logger: logger,
+		})
+		end = s.fleet
+		fh := health.NewFleet(s.fleetStatus, version, cfg.MaxQueue)
+		public = map[string]http.Handler{"/health": fh, "/health/live": fh.Live(), "/health/ready": fh.Ready()}
+	} else {
+		s.health = health.New(cfg.Upstream, health.Options{
+			Timeout:        cfg.HealthTimeout,
+			TTL:            cfg.HealthTTL,
+			GatewayVersion: version,
+			Logger:         logger,
+		})
+		s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
+		public = map[string]http.Handler{
+			"/health":       s.health,
+			"/health/live":  s.monitor.Live(),
+			"/health/ready": s.monitor.Ready(),
+		}
 	}
-	upstream := http.Handler(s.proxy)
+	upstream := end
 	if cfg.MetricsListen == "" {
-		upstream = routes(map[string]http.Handler{"/metrics": s.metrics.Handler()}, s.proxy)
+		upstream = routes(map[string]http.Handler{"/metrics": s.metrics.Handler()}, end)
 	} else {
 		own := map[string]http.Handler{"/metrics": s.metrics.Handler()}
 		for p, h := range public {
@@ -167,7 +211,8 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	//   auth        lockout, API keys, sessions and scopes; a no-op without keys
 	//   ratelimit   per-key request and prompt limits
 	//   /metrics    on the main listener (unless --metrics-listen)
-	//   proxy       ComfyUI, credentials stripped, bodies capped
+	//   proxy       ComfyUI, credentials stripped, bodies capped (or the
+	//               fleet, which routes by route over the proxy)
 	s.handler = Chain(
 		routes(public, Chain(upstream,
 			guard(guardOptions{BodyTimeout: cfg.BodyTimeout, CORSOrigin: cfg.CORSOrigin, Via: s.via, Logger: logger}),
@@ -223,8 +268,14 @@ func (s *Server) keysChanged(c auth.Change) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		closed = s.proxy.CloseStreamsOf(ctx, ids)
 		cancel()
+		if s.hub != nil {
+			closed += s.hub.CloseKeys(ids)
+		}
 	}
 	detail := fmt.Sprintf("%d keys in force", c.Keys)
+	if c.Keys == 1 {
+		detail = "1 key in force"
+	}
 	if len(names) > 0 {
 		detail += fmt.Sprintf("; removed %s; closed %d WebSockets", strings.Join(names, ", "), closed)
 	}
@@ -290,9 +341,14 @@ func (s *Server) Listen() ([]net.Listener, error) {
 				l.Close()
 			}
 			if addrInUse(err) {
-				return nil, fmt.Errorf("cannot listen on %s: the port is already in use. "+
-					"If ComfyUI itself runs on it, start ComfyUI on another port (python main.py --port 8189) "+
-					"and point comfygate at it with --upstream http://127.0.0.1:8189; or give comfygate another --port", addr)
+				if s.cfg.Port == 8188 {
+					// ComfyUI's own default port: most likely ComfyUI.
+					return nil, fmt.Errorf("cannot listen on %s: the port is already in use, most likely by ComfyUI, whose default port it is. "+
+						"Start ComfyUI on another port (python main.py --port 8189) "+
+						"and point comfygate at it with --upstream http://127.0.0.1:8189; or give comfygate another --port", addr)
+				}
+				return nil, fmt.Errorf("cannot listen on %s: the port is already in use by another program (another comfygate?); "+
+					"stop it or give comfygate another --port", addr)
 			}
 			return nil, fmt.Errorf("cannot listen on %s: %w", addr, err)
 		}
@@ -336,7 +392,14 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	wg.Go(func() { s.keys.Watch(watchCtx, s.cfg.KeyPollInterval) })
-	wg.Go(func() { s.monitor.Run(watchCtx) })
+	if s.fleet != nil {
+		wg.Go(func() { s.fleet.Run(watchCtx, nil) })
+		if s.cfg.UpstreamsFile != "" {
+			wg.Go(func() { s.watchUpstreams(watchCtx, s.cfg.KeyPollInterval) })
+		}
+	} else {
+		wg.Go(func() { s.monitor.Run(watchCtx) })
+	}
 	var metricsSrv *http.Server
 	if metricsLn != nil && s.metricsHandler != nil {
 		metricsSrv = s.httpServer(ctx, s.metricsHandler)
@@ -367,6 +430,9 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	defer cancel()
 	var streams sync.WaitGroup
 	streams.Go(func() { s.proxy.CloseStreams(shCtx) })
+	if s.hub != nil {
+		s.hub.Close()
+	}
 	if metricsSrv != nil {
 		metricsSrv.Shutdown(shCtx)
 	}
