@@ -73,6 +73,37 @@ type Events struct {
 	Resubmitted func(from, to string)
 	// Stolen: a waiting prompt was moved from a busy server to an idle one.
 	Stolen func(from, to string)
+	// Polled: the state of every server after a tick.
+	Polled func([]ServerStatus)
+}
+
+// ServerStatus is what the fleet knows of one server, for /health and the
+// metrics.
+type ServerStatus struct {
+	Name     string
+	Healthy  bool
+	Draining bool
+	// Pending and Running are the server's queue at its last poll.
+	Pending, Running int
+	// Version is the server's comfyui_version.
+	Version string
+	// SystemStats is its last /system_stats answer (nil before one).
+	SystemStats json.RawMessage
+}
+
+// Status returns the state of every server, in the pool's order.
+func (f *Fleet) Status() []ServerStatus {
+	var out []ServerStatus
+	for _, m := range f.all() {
+		m.mu.Lock()
+		out = append(out, ServerStatus{
+			Name: m.u.Name, Healthy: m.u.Healthy(), Draining: m.u.Draining(),
+			Pending: len(m.pending), Running: len(m.running),
+			Version: m.version, SystemStats: m.stats,
+		})
+		m.mu.Unlock()
+	}
+	return out
 }
 
 // Fleet routes requests over the servers of a pool. It is an http.Handler

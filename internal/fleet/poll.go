@@ -59,6 +59,9 @@ func (f *Fleet) Tick(ctx context.Context) {
 		f.opts.Hub.Sync(ctx, f.pool.All())
 		f.opts.Hub.Refresh()
 	}
+	if f.opts.Events.Polled != nil {
+		f.opts.Events.Polled(f.Status())
+	}
 }
 
 // poll reads one server's queue and system stats (and its object_info when
