@@ -298,3 +298,169 @@ func TestSocketsFollowPrompts(t *testing.T) {
 		}
 	}
 }
+
+// historyIDs returns the ids of the merged /history, in order.
+func (tf *testFleet) historyIDs(t *testing.T, query string) []string {
+	t.Helper()
+	status, b := tf.do(t, "GET", "/api/history"+query, nil)
+	if status != http.StatusOK {
+		t.Fatalf("GET /history%s: %d %s", query, status, b)
+	}
+	keys, err := objectKeys(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return keys
+}
+
+func TestFailoverLosesNothing(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(150 * time.Millisecond)
+	}
+	var ids []string
+	for i := range 6 {
+		ids = append(ids, tf.queue(t, workflow(fmt.Sprint("p", i))))
+	}
+	var onDead int
+	for _, id := range ids {
+		if p, _, _ := tf.store.Get(context.Background(), id); p.Server == "gpu1" {
+			onDead++
+		}
+	}
+	if onDead == 0 {
+		t.Fatal("no prompt on gpu1; the test needs some")
+	}
+	tf.fakes[0].Close()
+	tf.Tick(context.Background())
+	tf.Tick(context.Background())
+	for _, id := range ids {
+		p, _, _ := tf.store.Get(context.Background(), id)
+		if p.Server != "gpu2" {
+			t.Errorf("prompt %s still on %s after gpu1 died", id, p.Server)
+		}
+	}
+	for _, id := range ids {
+		tf.waitDone(t, id)
+	}
+	got := tf.historyIDs(t, "")
+	seen := map[string]int{}
+	for _, id := range got {
+		seen[id]++
+	}
+	for _, id := range ids {
+		if seen[id] != 1 {
+			t.Errorf("prompt %s is %d times in the merged history; want once", id, seen[id])
+		}
+	}
+}
+
+func TestIdleServerStealsWaitingPrompts(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(300 * time.Millisecond)
+	}
+	gpu2, _ := tf.pool.Get("gpu2")
+	gpu2.SetDraining(true) // keeps new prompts off it, for now
+	var ids []string
+	for i := range 3 {
+		ids = append(ids, tf.queue(t, workflow(fmt.Sprint("s", i))))
+	}
+	gpu2.SetDraining(false)
+	tf.Tick(context.Background()) // sees gpu1 busy with two waiting, gpu2 idle
+	moved := 0
+	for _, id := range ids {
+		if p, _, _ := tf.store.Get(context.Background(), id); p.Server == "gpu2" {
+			moved++
+			if len(p.Stale) != 0 {
+				t.Errorf("stolen prompt %s keeps a stale placement %v; it was deleted from gpu1", id, p.Stale)
+			}
+		}
+	}
+	if moved != 1 {
+		t.Errorf("%d prompts moved to the idle server; want 1 (the last waiting)", moved)
+	}
+	for _, id := range ids {
+		tf.waitDone(t, id)
+	}
+	// gpu1 ran only what it kept.
+	var ran int
+	for _, r := range tf.fakes[0].Requests() {
+		if r.Method == "POST" && strings.HasSuffix(r.Path, "/prompt") {
+			ran++
+		}
+	}
+	if ran != 3 {
+		t.Errorf("gpu1 received %d prompts; want the 3 queued there", ran)
+	}
+	if n := len(tf.historyIDs(t, "")); n != 3 {
+		t.Errorf("merged history has %d entries; want 3 (the stolen one once)", n)
+	}
+}
+
+func TestMergedRoutes(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	var ids []string
+	for i := range 4 {
+		id := tf.queue(t, workflow(fmt.Sprint("m", i)))
+		tf.waitDone(t, id)
+		ids = append(ids, id)
+	}
+	if got := tf.historyIDs(t, ""); strings.Join(got, ",") != strings.Join(ids, ",") {
+		t.Errorf("merged history order %v; want oldest first %v", got, ids)
+	}
+	if got := tf.historyIDs(t, "?max_items=2"); strings.Join(got, ",") != strings.Join(ids[2:], ",") {
+		t.Errorf("max_items=2 gave %v; want the newest two %v", got, ids[2:])
+	}
+	if got := tf.historyIDs(t, "?max_items=2&offset=1"); strings.Join(got, ",") != strings.Join(ids[1:3], ",") {
+		t.Errorf("max_items=2&offset=1 gave %v; want %v", got, ids[1:3])
+	}
+	if status, _ := tf.do(t, "GET", "/api/history?max_items=x", nil); status != http.StatusBadRequest {
+		t.Errorf("max_items=x: %d; want 400", status)
+	}
+
+	// /prompt sums the queues.
+	for _, fk := range tf.fakes {
+		fk.SetQueue(1, 2)
+	}
+	status, b := tf.do(t, "GET", "/api/prompt", nil)
+	if status != 200 || !strings.Contains(string(b), `"queue_remaining":6`) {
+		t.Errorf("GET /prompt %d %s; want queue_remaining 6", status, b)
+	}
+	status, b = tf.do(t, "GET", "/api/queue", nil)
+	var q struct {
+		Running, Pending []any `json:"-"`
+		R                []any `json:"queue_running"`
+		P                []any `json:"queue_pending"`
+	}
+	if status != 200 || json.Unmarshal(b, &q) != nil || len(q.R) != 2 || len(q.P) != 4 {
+		t.Errorf("GET /queue %d: %d running, %d pending; want 2 and 4", status, len(q.R), len(q.P))
+	}
+	// clear goes to every server.
+	if status, _ := tf.do(t, "POST", "/api/queue", map[string]any{"clear": true}); status != 200 {
+		t.Errorf("POST /queue clear: %d", status)
+	}
+	for i, fk := range tf.fakes {
+		last, _ := fk.LastRequest()
+		if last.Method != "POST" || last.Path != "/api/queue" {
+			t.Errorf("gpu%d did not receive the clear (last: %s %s)", i+1, last.Method, last.Path)
+		}
+	}
+
+	// /system_stats lists both servers' devices, named by server.
+	status, b = tf.do(t, "GET", "/api/system_stats", nil)
+	if status != 200 || !strings.Contains(string(b), `"name":"gpu1: `) || !strings.Contains(string(b), `"name":"gpu2: `) {
+		t.Errorf("GET /system_stats %d %s; want devices of gpu1 and gpu2", status, b)
+	}
+	// /object_info answers as one server.
+	status, b = tf.do(t, "GET", "/api/object_info", nil)
+	var info map[string]json.RawMessage
+	if status != 200 || json.Unmarshal(b, &info) != nil || info["SaveImage"] == nil {
+		t.Errorf("GET /object_info %d: %d classes", status, len(info))
+	}
+
+	// An id the fleet never saw is asked of every server; unknown is {}.
+	if status, b := tf.do(t, "GET", "/api/history/nope", nil); status != 200 || strings.TrimSpace(string(b)) != "{}" {
+		t.Errorf("GET /history/nope: %d %s; want 200 {}", status, b)
+	}
+}
