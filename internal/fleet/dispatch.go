@@ -305,7 +305,28 @@ func (f *Fleet) move(ctx context.Context, p Prompt, except, why string, event fu
 		return false
 	}
 	ms, _ := f.choose(graph, p.Models, except)
+	// A server that may still hold an old copy goes last; if it is chosen,
+	// the old copy is deleted first (on servers that take the client's id,
+	// both copies would have the same id).
+	stale := func(m *member) (string, bool) {
+		for _, st := range p.Stale {
+			if st.Server == m.u.Name {
+				return st.ServerID, true
+			}
+		}
+		return "", false
+	}
+	sort.SliceStable(ms, func(i, j int) bool {
+		_, si := stale(ms[i])
+		_, sj := stale(ms[j])
+		return !si && sj
+	})
 	for _, m := range ms {
+		if sid, ok := stale(m); ok {
+			del, _ := json.Marshal(map[string]any{"delete": []string{sid}})
+			f.send(ctx, nil, m, http.MethodPost, "/api/queue", del)
+			p.Stale = slices.DeleteFunc(p.Stale, func(pl Placement) bool { return pl.Server == m.u.Name })
+		}
 		a := f.send(ctx, nil, m, http.MethodPost, "/api/prompt", p.Body)
 		if a.err != nil || a.status != http.StatusOK {
 			continue

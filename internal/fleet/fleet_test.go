@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime/multipart"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -463,4 +464,80 @@ func TestMergedRoutes(t *testing.T) {
 	if status, b := tf.do(t, "GET", "/api/history/nope", nil); status != 200 || strings.TrimSpace(string(b)) != "{}" {
 		t.Errorf("GET /history/nope: %d %s; want 200 {}", status, b)
 	}
+}
+
+func TestUploadReachesEveryServer(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	var body bytes.Buffer
+	mw := multipart.NewWriter(&body)
+	fw, _ := mw.CreateFormFile("image", "cat.png")
+	fw.Write([]byte("\x89PNG\r\n\x1a\nnot really a png"))
+	mw.Close()
+	req, _ := http.NewRequest("POST", tf.URL+"/api/upload/image", &body)
+	req.Header.Set("Content-Type", mw.FormDataContentType())
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	if res.StatusCode != 200 || !strings.Contains(string(b), `"name":"cat.png"`) {
+		t.Fatalf("upload: %d %s", res.StatusCode, b)
+	}
+	for i, fk := range tf.fakes {
+		last, _ := fk.LastRequest()
+		if last.Path != "/api/upload/image" || !strings.Contains(string(last.Body), "not really a png") {
+			t.Errorf("gpu%d did not receive the upload (last %s %s)", i+1, last.Method, last.Path)
+		}
+	}
+	// The uploaded file is a valid value on both, for prompts that load it.
+	for _, name := range []string{"gpu1", "gpu2"} {
+		m, _ := tf.byName(name)
+		m.mu.Lock()
+		ok := m.uploads["cat.png"]
+		m.mu.Unlock()
+		if !ok {
+			t.Errorf("%s does not count cat.png among its inputs", name)
+		}
+	}
+	// /view of an unmarked input is found on a server that has it.
+	q := url.Values{"filename": {"cat.png"}, "type": {"input"}}
+	if status, got := tf.do(t, "GET", "/api/view?"+q.Encode(), nil); status != 200 || !strings.Contains(string(got), "not really a png") {
+		t.Errorf("/view of the upload: %d %q", status, got)
+	}
+}
+
+func TestServerThatReturnsLosesItsCopies(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(200 * time.Millisecond)
+	}
+	gpu2, _ := tf.pool.Get("gpu2")
+	gpu2.SetDraining(true)
+	id1 := tf.queue(t, workflow("r1"))
+	id2 := tf.queue(t, workflow("r2"))
+	gpu2.SetDraining(false)
+	// gpu1 looks dead for a while (a partition): its prompts go to gpu2.
+	gpu1, _ := tf.pool.Get("gpu1")
+	gpu1.SetHealthy(false)
+	ctx := context.Background()
+	active, _ := tf.store.Active(ctx)
+	tf.reconcile(ctx, tf.all(), active, time.Now())
+	p2, _, _ := tf.store.Get(ctx, id2)
+	if p2.Server != "gpu2" || len(p2.Stale) != 1 {
+		t.Fatalf("after gpu1 went away: %+v; want on gpu2 with gpu1 stale", p2)
+	}
+	// gpu1 is back: the waiting copy there is deleted.
+	tf.Tick(ctx)
+	found := false
+	for _, r := range tf.fakes[0].Requests() {
+		if r.Method == "POST" && r.Path == "/api/queue" && strings.Contains(string(r.Body), p2.Stale[0].ServerID) {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("the stale copy on gpu1 was not deleted when it came back")
+	}
+	tf.waitDone(t, id1)
+	tf.waitDone(t, id2)
 }

@@ -46,6 +46,10 @@ func (f *Fleet) Tick(ctx context.Context) {
 		m.mu.Unlock()
 		if changed && up {
 			f.log.Info("ComfyUI server is up", "upstream", m.u.Name)
+		}
+		if up {
+			// Copies left on it while it was away (even a blip no tick
+			// saw): remove them.
 			f.cleanStale(ctx, m, active)
 		}
 		if changed && !up {
