@@ -10,6 +10,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/route"
@@ -175,24 +176,26 @@ type historyEntry struct {
 	id    string
 	entry map[string]any
 	when  int64 // the last timestamp in its status messages
+	// created is when the gateway queued it (zero: not through the
+	// fleet), to order prompts that ended in the same millisecond.
+	created time.Time
 }
 
 // mapEntry rewrites one history entry of server: ids, client_id, and the
-// output file references, marked with the server (see markSubfolder).
-func (f *Fleet) mapEntry(ctx context.Context, server, sid string, entry map[string]any) string {
-	id := sid
+// output file references, marked with the server (see markSubfolder). It
+// returns the id and, when the fleet queued it, when.
+func (f *Fleet) mapEntry(ctx context.Context, server, sid string, entry map[string]any) (string, time.Time) {
+	id, p := f.idMap(ctx, server, sid)
 	if item, ok := entry["prompt"].([]any); ok {
 		f.mapItem(ctx, server, item)
-		if s, ok := item[1].(string); ok {
-			id = s
-		}
-	} else {
-		id, _ = f.idMap(ctx, server, sid)
 	}
 	if outs, ok := entry["outputs"]; ok {
 		markFiles(outs, server)
 	}
-	return id
+	if p == nil {
+		return id, time.Time{}
+	}
+	return id, p.Created
 }
 
 // lastTimestamp is the newest "timestamp" in a history entry's status
@@ -251,16 +254,25 @@ func (f *Fleet) mergeHistory(ctx context.Context, as []answer, q url.Values) ([]
 		var prev int64
 		for _, sid := range keys {
 			e := h[sid]
-			id := f.mapEntry(ctx, a.m.u.Name, sid, e)
+			id, created := f.mapEntry(ctx, a.m.u.Name, sid, e)
 			when := lastTimestamp(e)
 			if when == 0 {
 				when = prev // keep it after the one before it
 			}
 			prev = when
-			all = append(all, historyEntry{id: id, entry: e, when: when})
+			all = append(all, historyEntry{id: id, entry: e, when: when, created: created})
 		}
 	}
-	sort.SliceStable(all, func(i, j int) bool { return all[i].when < all[j].when })
+	sort.SliceStable(all, func(i, j int) bool {
+		a, b := all[i], all[j]
+		if a.when != b.when {
+			return a.when < b.when
+		}
+		if !a.created.IsZero() && !b.created.IsZero() {
+			return a.created.Before(b.created)
+		}
+		return false
+	})
 	// As ComfyUI's get_history: max_items alone gives the newest N; an
 	// offset skips that many of the oldest.
 	if !hasOffset || offset < 0 {

@@ -126,7 +126,7 @@ func (f *Fleet) mapPromptAnswer(ctx context.Context, server, sid string, body []
 		return body
 	}
 	if entry, ok := obj[sid].(map[string]any); ok && len(obj) == 1 {
-		id := f.mapEntry(ctx, server, sid, entry)
+		id, _ := f.mapEntry(ctx, server, sid, entry)
 		out, err := orderedObject([]historyEntry{{id: id, entry: entry}})
 		if err != nil {
 			return body
