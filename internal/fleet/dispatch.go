@@ -57,6 +57,7 @@ type missing struct {
 type valueMiss struct {
 	input string
 	value string
+	class string
 }
 
 func (x *missing) none() bool { return len(x.classes) == 0 && len(x.values) == 0 }
@@ -110,7 +111,7 @@ func (m *member) lacks(graph map[string]graphNode) *missing {
 			if choices[s] || m.uploads[s] || m.uploads[strings.TrimSuffix(s, " [input]")] {
 				continue
 			}
-			x.values[id] = append(x.values[id], valueMiss{name, s})
+			x.values[id] = append(x.values[id], valueMiss{name, s, n.ClassType})
 		}
 	}
 	return x
@@ -408,6 +409,7 @@ func cannotRun(x *missing) map[string]any {
 	nodeErrors := map[string]any{}
 	for id, misses := range x.values {
 		var errs []any
+		class := misses[0].class
 		for _, v := range misses {
 			errs = append(errs, map[string]any{
 				"type":    "value_not_in_list",
@@ -418,7 +420,7 @@ func cannotRun(x *missing) map[string]any {
 				},
 			})
 		}
-		nodeErrors[id] = map[string]any{"errors": errs, "dependent_outputs": []string{}, "class_type": ""}
+		nodeErrors[id] = map[string]any{"errors": errs, "dependent_outputs": []string{}, "class_type": class}
 	}
 	return comfyError("prompt_outputs_failed_validation", "Prompt outputs failed validation", "", nodeErrors)
 }
