@@ -3,6 +3,8 @@
 //
 // The fake answers like the ComfyUI builds captured in testdata/: the same
 // JSON shapes, status codes, WebSocket message order and Host/Origin 403 rule.
+// TestFakeMatchesReal in internal/realcomfy compares it with real v0.3.7 and
+// 0.8.0 servers, when they are installed.
 // It records every request it receives, so a test can check what actually
 // reached the upstream, and it has knobs for latency, canned answers and a
 // busy queue. It runs no models: every image it "generates" is the PNG of
@@ -36,7 +38,10 @@ type TB interface {
 	Logf(format string, args ...any)
 }
 
-// Options configures a Fake. The zero value behaves like ComfyUI v0.3.7.
+// Options configures a Fake. The zero value behaves like ComfyUI v0.3.7;
+// Options{Version: "0.8.0", PromptIDs: true, ProgressState: true,
+// CreateTime: true} like 0.8.0, as far as internal/realcomfy's comparison
+// with the real servers goes.
 type Options struct {
 	// NoOriginCheck turns off the Host/Origin 403 rule, like the 2024-08 build.
 	NoOriginCheck bool
@@ -55,6 +60,24 @@ type Options struct {
 	// announced supports_preview_metadata gets type 4 frames instead, as
 	// newer builds do.
 	PreviewFrames int
+
+	// PromptIDs turns on what 0.8.0 does with the ids clients choose:
+	// POST /prompt keeps a client's prompt_id (any JSON value, rendered as
+	// Python's str() renders it, so null becomes "None"), and POST
+	// /interrupt with a prompt_id stops only that prompt. v0.3.7, the
+	// default, ignores both: every prompt gets a new uuid4, and every
+	// interrupt stops whatever runs.
+	PromptIDs bool
+
+	// ProgressState sends the progress_state messages of 0.8.0 around each
+	// node a prompt executes: the node "running" before its "executing",
+	// "finished" after it (and after its "executed"). Like 0.8.0, it sends
+	// those of a prompt without client_id to every socket.
+	ProgressState bool
+
+	// CreateTime adds "create_time" (milliseconds since the epoch) to the
+	// extra_data of each queued prompt, as 0.8.0 does.
+	CreateTime bool
 
 	// Cache makes a prompt whose graph equals the previous one's run fully
 	// cached, as ComfyUI does (testdata/ws_messages_cached_prompt.json): no
@@ -356,16 +379,16 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 	if f.opts.SecFetchSiteCheck && r.Header.Get("Sec-Fetch-Site") == "cross-site" {
 		f.logf("comfytest: 403 cross-site request %s %s", r.Method, r.URL.Path)
-		rw.WriteHeader(http.StatusForbidden)
+		writeEmpty(rw, http.StatusForbidden)
 		return
 	}
 	if origin := r.Header.Values("Origin"); !f.opts.NoOriginCheck && len(origin) > 0 && originRejected(r.Host, origin[0]) {
 		f.logf("comfytest: 403 non matching host %q and origin %q", r.Host, r.Header.Get("Origin"))
-		rw.WriteHeader(http.StatusForbidden)
+		writeEmpty(rw, http.StatusForbidden)
 		return
 	}
 	if r.Method == http.MethodOptions {
-		rw.WriteHeader(http.StatusOK)
+		writeEmpty(rw, http.StatusOK)
 		return
 	}
 	f.route(rw, r)
@@ -429,7 +452,10 @@ func (w *responseWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 
 func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// cacheControl mirrors ComfyUI's middleware/cache_middleware.py.
+// cacheControl mirrors ComfyUI's middleware/cache_middleware.py as 0.8.0
+// has it: scripts, styles and index*.json get no-cache (v0.3.7 gives .js and
+// .css the same; the newest code says no-store), and static images a max-age
+// (v0.3.7 leaves them alone).
 func cacheControl(h http.Header, p string, code int) {
 	if h.Get("Cache-Control") != "" {
 		return
@@ -439,7 +465,7 @@ func cacheControl(h http.Header, p string, code int) {
 	switch {
 	case strings.HasSuffix(lower, ".js"), strings.HasSuffix(lower, ".mjs"), strings.HasSuffix(lower, ".css"),
 		strings.HasPrefix(last, "index") && strings.HasSuffix(last, ".json"):
-		h.Set("Cache-Control", "no-store")
+		h.Set("Cache-Control", "no-cache")
 	case hasImageExt(lower):
 		switch code {
 		case 200, 201, 202, 203, 204, 205, 206, 301, 308:

@@ -13,6 +13,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -502,16 +504,151 @@ func TestPromptValidation(t *testing.T) {
 		if id := got["prompt_id"].(string); len(id) != 36 || id[14] != '4' {
 			t.Errorf("prompt_id %q is not a uuid4", id)
 		}
+		// v0.3.7 ignores a prompt_id the client chose.
 		body := strings.Replace(string(samplePrompt), `{"prompt"`, `{"prompt_id":"ec63091d-b990-4a3e-9758-0cb052612c95","prompt"`, 1)
 		_, b = post(t, f, "/prompt", body)
-		if diff := cmp.Diff(`{"prompt_id":"ec63091d-b990-4a3e-9758-0cb052612c95","number":1,"node_errors":{}}`, string(b)); diff != "" {
-			t.Errorf("client prompt_id (-want +got)\n%s", diff)
-		}
-		_, b = post(t, f, "/prompt", strings.Replace(string(samplePrompt), `{"prompt"`, `{"prompt_id":12345,"prompt"`, 1))
-		if got := decode(t, b).(map[string]any); got["prompt_id"] != "12345" || got["number"] != 2.0 {
-			t.Errorf("integer prompt_id: %s", b)
+		if got := decode(t, b).(map[string]any); got["prompt_id"] == "ec63091d-b990-4a3e-9758-0cb052612c95" || got["number"] != 1.0 {
+			t.Errorf("client prompt_id on v0.3.7: %s; want a new uuid4", b)
 		}
 	})
+
+	// server.py takes the number before it looks at the prompt.
+	t.Run("refused prompts use a number", func(t *testing.T) {
+		f := New(t, Options{})
+		post(t, f, "/prompt", `{}`)
+		post(t, f, "/prompt", `{"prompt":{"1":{"class_type":"NoSuchNode","inputs":{}}}}`)
+		post(t, f, "/prompt", `{"number":7,"prompt":{}}`) // its own number: the counter stays
+		_, b := post(t, f, "/prompt", string(samplePrompt))
+		if got := decode(t, b).(map[string]any)["number"]; got != 2.0 {
+			t.Errorf("number after two refused prompts = %v, want 2", got)
+		}
+	})
+
+	t.Run("create_time", func(t *testing.T) {
+		f := New(t, Options{CreateTime: true})
+		_, b := post(t, f, "/prompt", string(samplePrompt))
+		id := decode(t, b).(map[string]any)["prompt_id"].(string)
+		waitHistory(t, f, id)
+		_, b = get(t, f, "/history/"+id)
+		var h map[string]struct{ Prompt []json.RawMessage }
+		json.Unmarshal(b, &h)
+		extra := string(h[id].Prompt[3])
+		if !regexp.MustCompile(`^\{"extra_pnginfo":\{"note":"gateway probe"\},"client_id":"test","create_time":1[0-9]{12}\}$`).MatchString(extra) {
+			t.Errorf("extra_data = %s", extra)
+		}
+	})
+
+	// 0.8.0 keeps it, whatever it is: str() of the JSON value.
+	t.Run("client prompt_id", func(t *testing.T) {
+		f := New(t, Options{PromptIDs: true})
+		for i, tt := range []struct{ sent, want string }{
+			{`"ec63091d-b990-4a3e-9758-0cb052612c95"`, "ec63091d-b990-4a3e-9758-0cb052612c95"},
+			{`"x y/z"`, "x y/z"},
+			{`12345`, "12345"},
+			{`null`, "None"},
+		} {
+			_, b := post(t, f, "/prompt", strings.Replace(string(samplePrompt), `{"prompt"`, `{"prompt_id":`+tt.sent+`,"prompt"`, 1))
+			want := fmt.Sprintf(`{"prompt_id":%q,"number":%d,"node_errors":{}}`, tt.want, i)
+			if diff := cmp.Diff(want, string(b)); diff != "" {
+				t.Errorf("prompt_id %s (-want +got)\n%s", tt.sent, diff)
+			}
+		}
+	})
+}
+
+// TestLoadImageValidation pins what both real builds answer for a LoadImage
+// of a file that is not in the input folder, and that an upload makes it
+// valid.
+func TestLoadImageValidation(t *testing.T) {
+	f := New(t, Options{})
+	graph := `{"prompt":{"1":{"class_type":"LoadImage","inputs":{"image":"NAME"}},"2":{"class_type":"SaveImage","inputs":{"images":["1",0],"filename_prefix":"rl"}}}}`
+	res, b := post(t, f, "/prompt", strings.Replace(graph, "NAME", "missing.png", 1))
+	want := `{"error":{"type":"prompt_outputs_failed_validation","message":"Prompt outputs failed validation","details":"","extra_info":{}},` +
+		`"node_errors":{"1":{"errors":[{"type":"custom_validation_failed","message":"Custom validation failed for node","details":"image - Invalid image file: missing.png","extra_info":{"input_name":"image"}}],"dependent_outputs":["2"],"class_type":"LoadImage"}}}`
+	if res.StatusCode != 400 {
+		t.Errorf("status = %d, want 400", res.StatusCode)
+	}
+	if diff := cmp.Diff(decode(t, []byte(want)), decode(t, b)); diff != "" {
+		t.Errorf("(-want +got)\n%s", diff)
+	}
+
+	var body bytes.Buffer
+	mw := multipart.NewWriter(&body)
+	part, _ := mw.CreateFormFile("image", "here.png")
+	part.Write(samplePNG)
+	mw.WriteField("subfolder", "sub")
+	mw.Close()
+	if res, b := do(t, nil, "POST", f.URL()+"/upload/image", &body, http.Header{"Content-Type": {mw.FormDataContentType()}}); res.StatusCode != 200 {
+		t.Fatalf("upload = %d %s", res.StatusCode, b)
+	}
+	for name, want := range map[string]int{"sub/here.png": 200, "sub/here.png [input]": 200, "here.png": 400, "sub/here.png [output]": 400} {
+		if res, b := post(t, f, "/prompt", strings.Replace(graph, "NAME", name, 1)); res.StatusCode != want {
+			t.Errorf("LoadImage %q = %d %s, want %d", name, res.StatusCode, b, want)
+		}
+	}
+	if res, b := post(t, f, "/prompt", strings.Replace(graph, "NAME", sampleOutputName+" [output]", 1)); res.StatusCode != 200 {
+		t.Errorf("LoadImage of an output = %d %s", res.StatusCode, b)
+	}
+}
+
+// TestRouting pins aiohttp's answers around ComfyUI's routes, as both real
+// builds give them: the frontend's static route under "/" takes every GET
+// no route took (404), and offers GET and HEAD to every other method (405).
+// Answers without a body carry aiohttp's default type.
+func TestRouting(t *testing.T) {
+	f := New(t, Options{})
+	for _, tt := range []struct {
+		method, path string
+		status       int
+		allow        string
+	}{
+		{"GET", "/interrupt", 404, ""},
+		{"GET", "/api/upload/image", 404, ""},
+		{"HEAD", "/prompt", 200, ""},
+		{"DELETE", "/system_stats", 405, "GET,HEAD"},
+		{"PUT", "/prompt", 405, "GET,HEAD,POST"},
+		{"PUT", "/api/userdata/a.json", 405, "DELETE,GET,HEAD,POST"},
+		{"POST", "/view", 405, "GET,HEAD"},
+		{"POST", "/nope", 405, "GET,HEAD"},
+	} {
+		res, b := do(t, nil, tt.method, f.URL()+tt.path, nil, nil)
+		if res.StatusCode != tt.status || res.Header.Get("Allow") != tt.allow {
+			t.Errorf("%s %s = %d, Allow %q; want %d, %q", tt.method, tt.path, res.StatusCode, res.Header.Get("Allow"), tt.status, tt.allow)
+		}
+		if tt.status == 405 && string(b) != "405: Method Not Allowed" {
+			t.Errorf("%s %s body = %q", tt.method, tt.path, b)
+		}
+	}
+	for _, tt := range []struct {
+		method, path string
+		header       http.Header
+		status       int
+	}{
+		{"POST", "/interrupt", nil, 200},
+		{"POST", "/api/queue", nil, 500}, // no JSON body: not empty
+		{"POST", "/queue", http.Header{"Content-Type": {"application/json"}}, 200},
+		{"OPTIONS", "/prompt", nil, 200},
+		{"GET", "/view?filename=missing.png", nil, 404},
+		{"GET", "/view?filename=../x.png", nil, 400},
+		{"POST", "/prompt", http.Header{"Origin": {"http://evil.example"}}, 403},
+	} {
+		body := io.Reader(nil)
+		if tt.path == "/queue" {
+			body = strings.NewReader(`{"clear":true}`)
+		}
+		res, b := do(t, nil, tt.method, f.URL()+tt.path, body, tt.header)
+		if res.StatusCode != tt.status {
+			t.Errorf("%s %s = %d, want %d", tt.method, tt.path, res.StatusCode, tt.status)
+			continue
+		}
+		if tt.status == 500 {
+			continue
+		}
+		if ct := res.Header.Get("Content-Type"); ct != "application/octet-stream" || len(b) != 0 || res.Header.Get("Content-Length") != "0" {
+			t.Errorf("%s %s: Content-Type %q, Content-Length %q, body %q; want an empty octet-stream",
+				tt.method, tt.path, ct, res.Header.Get("Content-Length"), b)
+		}
+	}
 }
 
 func TestRun(t *testing.T) {
@@ -822,7 +959,7 @@ func TestView(t *testing.T) {
 	for k, want := range map[string]string{
 		"Content-Type":           "image/png",
 		"Content-Disposition":    `filename="gw_probe_207800_00001_.png"`,
-		"X-Content-Type-Options": "nosniff",
+		"X-Content-Type-Options": "", // neither v0.3.7 nor 0.8.0 sends nosniff
 		"Content-Length":         "485",
 	} {
 		if got := res.Header.Get(k); got != want {
@@ -975,7 +1112,8 @@ func TestAPITwins(t *testing.T) {
 	for _, p := range []string{"/", "/api/"} {
 		res, b := get(t, f, p)
 		if res.StatusCode != 200 || !strings.Contains(string(b), "ComfyUI simulator") ||
-			res.Header.Get("Cache-Control") != "no-store, must-revalidate" || res.Header.Get("Pragma") != "no-cache" {
+			res.Header.Get("Cache-Control") != "no-cache" || res.Header.Get("Pragma") != "no-cache" ||
+			res.Header.Get("Expires") != "0" || res.Header.Get("Content-Type") != "text/html" || res.Header.Get("Last-Modified") == "" {
 			t.Errorf("GET %s = %d %v", p, res.StatusCode, res.Header)
 		}
 	}
@@ -1089,5 +1227,125 @@ func TestCloseClosesSockets(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("socket still open after Close")
+	}
+}
+
+// TestProgressState pins the progress_state messages of 0.8.0, captured
+// from the real server for the sample workflow: each node is listed
+// "running" before its "executing" and "finished" after it (and after its
+// "executed"), with every node that started before it.
+func TestProgressState(t *testing.T) {
+	f := New(t, Options{ProgressState: true, Cache: true})
+	c := dial(t, f, "test")
+	readText(t, c)
+	_, b := post(t, f, "/prompt", string(samplePrompt))
+	id := decode(t, b).(map[string]any)["prompt_id"].(string)
+	msgs := readRun(t, c)
+	want := []string{
+		"status", "status", "execution_start", "execution_cached",
+		"progress_state 1:running", "executing 1",
+		"progress_state 1:finished", "progress_state 1:finished 2:running", "executing 2",
+		"progress_state 1:finished 2:finished", "progress_state 1:finished 2:finished 3:running", "executing 3", "executed 3",
+		"progress_state 1:finished 2:finished 3:finished", "execution_success", "status", "executing null",
+	}
+	if diff := cmp.Diff(want, summarizeProgress(msgs)); diff != "" {
+		t.Errorf("(-want +got)\n%s", diff)
+	}
+	first := `{"type":"progress_state","data":{"prompt_id":"ID","nodes":{"1":{"value":0.0,"max":1.0,"state":"running",` +
+		`"node_id":"1","prompt_id":"ID","display_node_id":"1","parent_node_id":null,"real_node_id":"1"}}}}`
+	if diff := cmp.Diff(decode(t, []byte(strings.ReplaceAll(first, "ID", id))), msgs[4]); diff != "" {
+		t.Errorf("first progress_state (-want +got)\n%s", diff)
+	}
+
+	// A fully cached run lists only the output node, after its "executed".
+	post(t, f, "/prompt", string(samplePrompt))
+	want = []string{"status", "status", "execution_start", "execution_cached", "executed 3",
+		"progress_state 3:finished", "execution_success", "status", "executing null"}
+	if diff := cmp.Diff(want, summarizeProgress(readRun(t, c))); diff != "" {
+		t.Errorf("cached run (-want +got)\n%s", diff)
+	}
+
+	// Without a client_id, 0.8.0 sends them to every socket.
+	_, b = post(t, f, "/prompt", strings.Replace(strings.Replace(string(samplePrompt), `,"client_id":"test"`, "", 1), `"width":64`, `"width":65`, 1))
+	id = decode(t, b).(map[string]any)["prompt_id"].(string)
+	// This socket's messages end with the status of the emptied queue.
+	var got []string
+	for {
+		m := readText(t, c)
+		got = append(got, summarizeProgress([]any{m})...)
+		if m["type"] == "status" && cmp.Equal(m["data"].(map[string]any)["status"], execInfoAny(0)) {
+			break
+		}
+	}
+	waitHistory(t, f, id)
+	if !slices.Contains(got, "progress_state 1:finished 2:finished 3:finished") {
+		t.Errorf("a socket of another client saw %v; want the progress_state broadcasts", got)
+	}
+}
+
+func summarizeProgress(msgs []any) []string {
+	var out []string
+	for _, m := range msgs {
+		m := m.(map[string]any)
+		d := m["data"].(map[string]any)
+		s := m["type"].(string)
+		switch s {
+		case "executing", "executed":
+			if d["node"] == nil {
+				s += " null"
+			} else {
+				s += " " + d["node"].(string)
+			}
+		case "progress_state":
+			nodes := d["nodes"].(map[string]any)
+			var ids []string
+			for id := range nodes {
+				ids = append(ids, id)
+			}
+			slices.Sort(ids)
+			for _, id := range ids {
+				s += " " + id + ":" + nodes[id].(map[string]any)["state"].(string)
+			}
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// TestInterruptPromptID: v0.3.7 ignores the body of POST /interrupt; with
+// PromptIDs, as 0.8.0, an interrupt for another prompt changes nothing.
+func TestInterruptPromptID(t *testing.T) {
+	for _, tt := range []struct {
+		opts        Options
+		interrupted bool
+	}{
+		{Options{}, true},
+		{Options{PromptIDs: true}, false},
+	} {
+		t.Run(fmt.Sprintf("PromptIDs=%v", tt.opts.PromptIDs), func(t *testing.T) {
+			f := New(t, tt.opts)
+			f.SetNodeDelay(20 * time.Millisecond)
+			c := dial(t, f, "test")
+			readText(t, c)
+			post(t, f, "/prompt", string(samplePrompt))
+			sent, interrupted := false, false
+			for {
+				m := readText(t, c)
+				d := m["data"].(map[string]any)
+				if m["type"] == "executing" && d["node"] == "1" && !sent {
+					sent = true
+					post(t, f, "/interrupt", `{"prompt_id":"`+uuid4()+`"}`)
+				}
+				if m["type"] == "execution_interrupted" {
+					interrupted = true
+				}
+				if m["type"] == "executing" && d["node"] == nil {
+					break
+				}
+			}
+			if interrupted != tt.interrupted {
+				t.Errorf("interrupted = %v, want %v", interrupted, tt.interrupted)
+			}
+		})
 	}
 }

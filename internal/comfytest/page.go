@@ -3,6 +3,7 @@ package comfytest
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"net/http"
 	"path"
 	"strings"
@@ -16,15 +17,23 @@ var startTime = time.Now().Truncate(time.Second)
 // ComfyUI frontend does first, and reports each step in an element a
 // browser test can read: #object-info, #ws, #img and #prompt hold
 // "ok ..." or "error ...".
+//
+// The headers are those of v0.3.7 and 0.8.0, which send index.html as an
+// aiohttp FileResponse (type from the extension, ETag, Last-Modified,
+// Range) with Cache-Control no-cache, Pragma no-cache and Expires 0.
 func (f *Fake) serveIndex(w http.ResponseWriter, r *http.Request, _ []string) {
 	h := w.Header()
-	h.Set("Cache-Control", "no-store, must-revalidate")
+	h.Set("Cache-Control", "no-cache")
 	h.Set("Pragma", "no-cache")
 	h.Set("Expires", "0")
-	h.Set("Content-Type", "text/html; charset=utf-8")
-	w.WriteHeader(http.StatusOK)
-	w.Write([]byte(indexHTML))
+	h.Set("Content-Type", "text/html")
+	h.Set("ETag", indexETag)
+	http.ServeContent(w, r, "", startTime, strings.NewReader(indexHTML))
 }
+
+// indexETag is aiohttp's ETag for a file: modification time in
+// nanoseconds and size, in hex.
+var indexETag = fmt.Sprintf(`"%x-%x"`, startTime.UnixNano(), len(indexHTML))
 
 func staticFile(name string, body []byte) func(*Fake, http.ResponseWriter, *http.Request, []string) {
 	return func(_ *Fake, w http.ResponseWriter, r *http.Request, _ []string) {

@@ -115,6 +115,27 @@ func (f *Fake) servePostPrompt(w http.ResponseWriter, r *http.Request, _ []strin
 		return
 	}
 
+	// The number comes first, as in server.py: a prompt that is then
+	// refused, or a body with no prompt at all, still uses one up.
+	var number json.RawMessage
+	if n, ok := body["number"]; ok {
+		var v float64
+		if json.Unmarshal(n, &v) != nil {
+			serverError(w)
+			return
+		}
+		number = json.RawMessage(pyFloat(v))
+	} else {
+		f.mu.Lock()
+		n := f.number
+		f.number++
+		f.mu.Unlock()
+		if front, ok := body["front"]; ok && truthy(front) {
+			n = -n
+		}
+		number = json.RawMessage(strconv.Itoa(n))
+	}
+
 	rawPrompt, ok := body["prompt"]
 	if !ok {
 		writeJSON(w, http.StatusBadRequest, mustJSON(promptError{
@@ -143,44 +164,31 @@ func (f *Fake) servePostPrompt(w http.ResponseWriter, r *http.Request, _ []strin
 		extra = appendField(extra, "client_id", c)
 	}
 
-	outputs, perr := validate(nodes)
+	outputs, perr := validate(nodes, f.inputExists)
 	if perr != nil {
 		writeJSON(w, http.StatusBadRequest, mustJSON(perr))
 		return
 	}
 
+	if f.opts.CreateTime {
+		extra = appendField(extra, "create_time", mustJSON(time.Now().UnixMilli()))
+	}
 	j := &job{
+		number:   number,
 		graph:    compactJSON(rawPrompt),
 		extra:    extra,
 		outputs:  outputs,
 		clientID: clientID,
 		nodes:    nodes,
 	}
-	if p, ok := body["prompt_id"]; ok && string(p) != "null" {
-		j.id = pyStr(p)
+	if p, ok := body["prompt_id"]; ok && f.opts.PromptIDs {
+		j.id = pyStr(p) // str(json.get("prompt_id", uuid4())): null is "None"
 	} else {
 		j.id = uuid4()
 	}
 
 	f.emitMu.Lock()
 	f.mu.Lock()
-	if n, ok := body["number"]; ok {
-		var v float64
-		if json.Unmarshal(n, &v) != nil {
-			f.mu.Unlock()
-			f.emitMu.Unlock()
-			serverError(w)
-			return
-		}
-		j.number = json.RawMessage(pyFloat(v))
-	} else {
-		n := f.number
-		if front, ok := body["front"]; ok && truthy(front) {
-			n = -n
-		}
-		f.number++
-		j.number = json.RawMessage(strconv.Itoa(n))
-	}
 	f.pending = append(f.pending, j)
 	f.startWorkerLocked()
 	remaining := f.queueRemainingLocked()
@@ -229,9 +237,10 @@ func parseGraph(raw json.RawMessage) ([]node, error) {
 
 // validate checks a graph like execution.validate_prompt: every class must
 // exist, there must be an output node, and the inputs of the nodes the
-// outputs depend on must be within the bounds of their definitions. It
-// returns the output node ids to execute.
-func validate(nodes []node) ([]string, *promptError) {
+// outputs depend on must be within the bounds of their definitions, and a
+// LoadImage must name an input file that exists. It returns the output node
+// ids to execute.
+func validate(nodes []node, inputExists func(string) bool) ([]string, *promptError) {
 	byID := map[string]*node{}
 	var outputs []string
 	for i := range nodes {
@@ -265,7 +274,7 @@ func validate(nodes []node) ([]string, *promptError) {
 	for _, o := range outputs {
 		ok := true
 		for _, id := range dependencies(byID, o) {
-			errs := checkInputs(byID[id])
+			errs := append(checkInputs(byID[id]), checkImage(byID[id], inputExists)...)
 			if len(errs) == 0 {
 				continue
 			}
@@ -399,6 +408,40 @@ func checkInputs(n *node) []nodeErrorItem {
 	return errs
 }
 
+// checkImage is LoadImage.VALIDATE_INPUTS (nodes.py): the image must be a
+// file in the input folder, or in the folder its " [output]"-style suffix
+// names.
+func checkImage(n *node, exists func(string) bool) []nodeErrorItem {
+	if n.classType != "LoadImage" {
+		return nil
+	}
+	var name string
+	if json.Unmarshal(n.inputs["image"], &name) != nil || exists(name) {
+		return nil
+	}
+	return []nodeErrorItem{{"custom_validation_failed", "Custom validation failed for node",
+		"image - Invalid image file: " + name, map[string]any{"input_name": "image"}}}
+}
+
+// inputExists reports whether an annotated file name ("a.png",
+// "sub/a.png", "a.png [output]") names a file the fake holds.
+func (f *Fake) inputExists(name string) bool {
+	typ := "input"
+	for _, t := range []string{"output", "input", "temp"} {
+		if n, ok := strings.CutSuffix(name, " ["+t+"]"); ok {
+			name, typ = n, t
+			break
+		}
+	}
+	dir, base := path.Split(name)
+	key := fileKey{typ, cleanSubfolder(dir), base}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	_, stored := f.files[key]
+	_, uploaded := f.uploads[key]
+	return stored || uploaded
+}
+
 // startWorkerLocked starts the goroutine that executes prompts, once.
 func (f *Fake) startWorkerLocked() {
 	if f.workerOn || f.closed {
@@ -499,6 +542,7 @@ func (f *Fake) execute(j *job) {
 	outputs := map[string]json.RawMessage{}
 	var executed []string
 	interrupted := false
+	progress := &progressState{}
 	for _, id := range order {
 		n := byID[id]
 		if cached == nil {
@@ -509,6 +553,7 @@ func (f *Fake) execute(j *job) {
 			f.mu.Lock()
 			stop := f.interrupt
 			f.mu.Unlock()
+			f.sendProgressState(j, progress.set(id, "running", "0.0", "1.0"))
 			f.sendTarget(j.clientID, "executing", mustJSON(struct {
 				Node        string `json:"node"`
 				DisplayNode string `json:"display_node"`
@@ -537,6 +582,13 @@ func (f *Fake) execute(j *job) {
 				Output      json.RawMessage `json:"output"`
 				PromptID    string          `json:"prompt_id"`
 			}{id, id, out, j.id}))
+		}
+		switch {
+		case cached == nil:
+			f.sendProgressState(j, progress.set(id, "finished", "1.0", "1.0"))
+		case outputNodes[n.classType]:
+			// A cached output node: only it is listed, with integers.
+			f.sendProgressState(j, progress.set(id, "finished", "1", "1"))
 		}
 		executed = append(executed, id)
 	}
@@ -570,6 +622,54 @@ func (f *Fake) execute(j *job) {
 }
 
 const maxHistory = 10000
+
+// progressState holds the node states that 0.8.0's progress_state messages
+// list: every node that has started, in the order it started (pending nodes
+// are left out).
+type progressState struct {
+	ids    []string
+	states map[string][3]string // state, value, max (JSON numbers as Python prints them)
+}
+
+func (p *progressState) set(id, state, value, max string) *progressState {
+	if p.states == nil {
+		p.states = map[string][3]string{}
+	}
+	if _, ok := p.states[id]; !ok {
+		p.ids = append(p.ids, id)
+	}
+	p.states[id] = [3]string{state, value, max}
+	return p
+}
+
+// sendProgressState sends a progress_state message (Options.ProgressState)
+// to the prompt's client, or to every socket when it has none, as 0.8.0's
+// WebUIProgressHandler does.
+func (f *Fake) sendProgressState(j *job, p *progressState) {
+	if !f.opts.ProgressState {
+		return
+	}
+	pid := mustJSON(j.id)
+	var b bytes.Buffer
+	b.WriteString(`{"prompt_id":`)
+	b.Write(pid)
+	b.WriteString(`,"nodes":{`)
+	for i, id := range p.ids {
+		st := p.states[id]
+		nid := mustJSON(id)
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `%s:{"value":%s,"max":%s,"state":%s,"node_id":%s,"prompt_id":%s,"display_node_id":%s,"parent_node_id":null,"real_node_id":%s}`,
+			nid, st[1], st[2], mustJSON(st[0]), nid, pid, nid, nid)
+	}
+	b.WriteString(`}}`)
+	if j.clientID == "" {
+		f.broadcast(wsText("progress_state", b.Bytes()))
+		return
+	}
+	f.sendTarget(j.clientID, "progress_state", b.Bytes())
+}
 
 func (f *Fake) setCurrentNode(id string) {
 	f.mu.Lock()
@@ -771,7 +871,7 @@ func (f *Fake) servePostHistory(w http.ResponseWriter, r *http.Request, _ []stri
 	}
 	f.history = slices.DeleteFunc(f.history, func(h historyEntry) bool { return slices.Contains(body.Delete, h.id) })
 	f.mu.Unlock()
-	w.WriteHeader(http.StatusOK)
+	writeEmpty(w, http.StatusOK)
 }
 
 func (f *Fake) serveQueue(w http.ResponseWriter, r *http.Request, _ []string) {
@@ -831,23 +931,25 @@ func (f *Fake) servePostQueue(w http.ResponseWriter, r *http.Request, _ []string
 		}
 		f.broadcastStatus(n)
 	}
-	w.WriteHeader(http.StatusOK)
+	writeEmpty(w, http.StatusOK)
 }
 
-// serveInterrupt is POST /interrupt. With {"prompt_id": id} it stops only
-// that prompt; without a (valid) body it stops whatever runs. The running
-// prompt notices at the start of its next node, as ComfyUI's does.
+// serveInterrupt is POST /interrupt. It stops whatever runs; with
+// Options.PromptIDs, a body {"prompt_id": id} stops only that prompt. The
+// running prompt notices at the start of its next node, as ComfyUI's does.
 func (f *Fake) serveInterrupt(w http.ResponseWriter, r *http.Request, _ []string) {
 	var body struct {
 		PromptID *string `json:"prompt_id"`
 	}
-	json.NewDecoder(r.Body).Decode(&body)
+	if f.opts.PromptIDs {
+		json.NewDecoder(r.Body).Decode(&body)
+	}
 	f.mu.Lock()
-	if f.running != nil && (body.PromptID == nil || *body.PromptID == f.running.id) {
+	if f.running != nil && (body.PromptID == nil || *body.PromptID == "" || *body.PromptID == f.running.id) {
 		f.interrupt = true
 	}
 	f.mu.Unlock()
-	w.WriteHeader(http.StatusOK)
+	writeEmpty(w, http.StatusOK)
 }
 
 // SetQueue makes the fake report running plus pending made-up prompts, shaped
@@ -888,7 +990,7 @@ func appendField(obj json.RawMessage, key string, value json.RawMessage) json.Ra
 // value, for ids that clients send as numbers.
 func pyStr(v json.RawMessage) string {
 	var s string
-	if json.Unmarshal(v, &s) == nil {
+	if strings.TrimSpace(string(v)) != "null" && json.Unmarshal(v, &s) == nil {
 		return s
 	}
 	switch t := strings.TrimSpace(string(v)); t {

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -137,12 +138,31 @@ func (f *Fake) route(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case found != nil:
 		found.handle(f, w, r, args)
-	case len(allowed) > 0:
-		w.Header().Set("Allow", strings.Join(allowed, ","))
-		aiohttpError(w, http.StatusMethodNotAllowed)
-	default:
+	case r.Method == http.MethodGet || r.Method == http.MethodHead:
+		// The frontend's static route under "/" takes every GET that no
+		// route took, so a GET of a POST-only route such as /interrupt is a
+		// missing file, not a wrong method.
 		aiohttpError(w, http.StatusNotFound)
+	default:
+		// For any other method every path has at least that static
+		// route's GET and HEAD to offer.
+		w.Header().Set("Allow", allowHeader(allowed))
+		aiohttpError(w, http.StatusMethodNotAllowed)
 	}
+}
+
+// allowHeader lists the methods of the routes that matched the path, plus
+// the static route's GET and HEAD, as aiohttp does: HEAD with every GET,
+// sorted, comma-separated.
+func allowHeader(methods []string) string {
+	set := []string{http.MethodGet, http.MethodHead}
+	for _, m := range methods {
+		if !slices.Contains(set, m) {
+			set = append(set, m)
+		}
+	}
+	slices.Sort(set)
+	return strings.Join(set, ",")
 }
 
 // matchPattern matches an escaped path against a pattern and returns the
@@ -207,8 +227,16 @@ func jsonConst(body []byte) func(*Fake, http.ResponseWriter, *http.Request, []st
 
 func emptyStatus(code int) func(*Fake, http.ResponseWriter, *http.Request, []string) {
 	return func(_ *Fake, w http.ResponseWriter, _ *http.Request, _ []string) {
-		w.WriteHeader(code)
+		writeEmpty(w, code)
 	}
+}
+
+// writeEmpty answers like aiohttp's web.Response(status=code): no body, and
+// the default Content-Type, application/octet-stream.
+func writeEmpty(w http.ResponseWriter, code int) {
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", "0")
+	w.WriteHeader(code)
 }
 
 func (f *Fake) serveModels(w http.ResponseWriter, r *http.Request, args []string) {
@@ -218,7 +246,7 @@ func (f *Fake) serveModels(w http.ResponseWriter, r *http.Request, args []string
 			return
 		}
 	}
-	w.WriteHeader(http.StatusNotFound)
+	writeEmpty(w, http.StatusNotFound)
 }
 
 func (f *Fake) serveSystemStats(w http.ResponseWriter, r *http.Request, _ []string) {
@@ -292,7 +320,7 @@ func (f *Fake) servePostSettings(w http.ResponseWriter, r *http.Request, _ []str
 		f.settings[k] = v
 	}
 	f.mu.Unlock()
-	w.WriteHeader(http.StatusOK)
+	writeEmpty(w, http.StatusOK)
 }
 
 func (f *Fake) serveSetting(w http.ResponseWriter, r *http.Request, args []string) {
@@ -311,7 +339,7 @@ func (f *Fake) servePostSetting(w http.ResponseWriter, r *http.Request, args []s
 	f.mu.Lock()
 	f.settings[args[0]] = v
 	f.mu.Unlock()
-	w.WriteHeader(http.StatusOK)
+	writeEmpty(w, http.StatusOK)
 }
 
 func (f *Fake) serveLogs(w http.ResponseWriter, r *http.Request, _ []string) {
@@ -410,14 +438,14 @@ func (f *Fake) serveUserdataList(w http.ResponseWriter, r *http.Request, _ []str
 func (f *Fake) serveUserdataGet(w http.ResponseWriter, r *http.Request, args []string) {
 	p, ok := userdataPath(args[0])
 	if !ok {
-		w.WriteHeader(http.StatusForbidden)
+		writeEmpty(w, http.StatusForbidden)
 		return
 	}
 	f.mu.Lock()
 	uf, ok := f.userdata[p]
 	f.mu.Unlock()
 	if !ok {
-		w.WriteHeader(http.StatusNotFound)
+		writeEmpty(w, http.StatusNotFound)
 		return
 	}
 	w.Header().Set("Content-Type", contentType(p))
@@ -427,7 +455,7 @@ func (f *Fake) serveUserdataGet(w http.ResponseWriter, r *http.Request, args []s
 func (f *Fake) serveUserdataPost(w http.ResponseWriter, r *http.Request, args []string) {
 	p, ok := userdataPath(args[0])
 	if !ok {
-		w.WriteHeader(http.StatusBadRequest)
+		writeEmpty(w, http.StatusBadRequest)
 		return
 	}
 	data, err := io.ReadAll(r.Body)
@@ -462,7 +490,7 @@ func (f *Fake) answerUserFile(w http.ResponseWriter, r *http.Request, p string, 
 func (f *Fake) serveUserdataDelete(w http.ResponseWriter, r *http.Request, args []string) {
 	p, ok := userdataPath(args[0])
 	if !ok {
-		w.WriteHeader(http.StatusForbidden)
+		writeEmpty(w, http.StatusForbidden)
 		return
 	}
 	f.mu.Lock()
@@ -470,7 +498,7 @@ func (f *Fake) serveUserdataDelete(w http.ResponseWriter, r *http.Request, args 
 	delete(f.userdata, p)
 	f.mu.Unlock()
 	if !exists {
-		w.WriteHeader(http.StatusNotFound)
+		writeEmpty(w, http.StatusNotFound)
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -480,7 +508,7 @@ func (f *Fake) serveUserdataMove(w http.ResponseWriter, r *http.Request, args []
 	src, ok1 := userdataPath(args[0])
 	dst, ok2 := userdataPath(args[1])
 	if !ok1 || !ok2 {
-		w.WriteHeader(http.StatusForbidden)
+		writeEmpty(w, http.StatusForbidden)
 		return
 	}
 	overwrite := r.URL.Query().Get("overwrite") != "false"
@@ -490,11 +518,11 @@ func (f *Fake) serveUserdataMove(w http.ResponseWriter, r *http.Request, args []
 	switch {
 	case !ok:
 		f.mu.Unlock()
-		w.WriteHeader(http.StatusNotFound)
+		writeEmpty(w, http.StatusNotFound)
 		return
 	case exists && !overwrite:
 		f.mu.Unlock()
-		w.WriteHeader(http.StatusConflict)
+		writeEmpty(w, http.StatusConflict)
 		return
 	}
 	delete(f.userdata, src)

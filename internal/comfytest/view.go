@@ -52,11 +52,12 @@ func cleanSubfolder(s string) string {
 }
 
 // serveView is GET /view (server.py view_image), without the preview and
-// channel re-encodings: the raw file is always served.
+// channel re-encodings: the raw file is always served, as aiohttp's
+// FileResponse serves it (Range, ETag, Last-Modified, 304).
 func (f *Fake) serveView(w http.ResponseWriter, r *http.Request, _ []string) {
 	q := r.URL.Query()
 	if !q.Has("filename") {
-		w.WriteHeader(http.StatusNotFound)
+		writeEmpty(w, http.StatusNotFound)
 		return
 	}
 	name := q.Get("filename")
@@ -68,7 +69,7 @@ func (f *Fake) serveView(w http.ResponseWriter, r *http.Request, _ []string) {
 		}
 	}
 	if name == "" || name[0] == '/' || strings.Contains(name, "..") {
-		w.WriteHeader(http.StatusBadRequest)
+		writeEmpty(w, http.StatusBadRequest)
 		return
 	}
 	if typ == "" {
@@ -78,12 +79,12 @@ func (f *Fake) serveView(w http.ResponseWriter, r *http.Request, _ []string) {
 		}
 	}
 	if typ != "output" && typ != "input" && typ != "temp" {
-		w.WriteHeader(http.StatusBadRequest)
+		writeEmpty(w, http.StatusBadRequest)
 		return
 	}
 	sub := q.Get("subfolder")
 	if strings.HasPrefix(sub, "/") || escapes(sub) {
-		w.WriteHeader(http.StatusForbidden)
+		writeEmpty(w, http.StatusForbidden)
 		return
 	}
 	base := path.Base(name)
@@ -91,19 +92,20 @@ func (f *Fake) serveView(w http.ResponseWriter, r *http.Request, _ []string) {
 	fl, ok := f.files[fileKey{typ, cleanSubfolder(sub), base}]
 	f.mu.Unlock()
 	if !ok {
-		w.WriteHeader(http.StatusNotFound)
+		writeEmpty(w, http.StatusNotFound)
 		return
 	}
 
+	// Both v0.3.7 and 0.8.0 answer these headers only: no nosniff, and a
+	// type that would run in the browser becomes a download by its type
+	// alone, without "attachment" (the newest code adds both).
 	h := w.Header()
 	ct := contentType(base)
-	disposition := fmt.Sprintf("filename=%q", base)
 	if ct == "text/html" || ct == "text/javascript" || ct == "text/css" {
-		ct, disposition = "application/octet-stream", "attachment; "+disposition
+		ct = "application/octet-stream"
 	}
 	h.Set("Content-Type", ct)
-	h.Set("Content-Disposition", disposition)
-	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Disposition", `filename="`+base+`"`)
 	h.Set("ETag", fmt.Sprintf(`"%x-%x"`, fl.modTime.UnixNano(), fl.size))
 
 	if ra, ok := fl.content.(io.ReaderAt); ok {
@@ -166,7 +168,7 @@ func contentType(name string) string {
 func (f *Fake) serveUpload(w http.ResponseWriter, r *http.Request, _ []string) {
 	mr, err := r.MultipartReader()
 	if err != nil {
-		w.WriteHeader(http.StatusBadRequest)
+		writeEmpty(w, http.StatusBadRequest)
 		return
 	}
 	var (
@@ -182,7 +184,7 @@ func (f *Fake) serveUpload(w http.ResponseWriter, r *http.Request, _ []string) {
 			break
 		}
 		if err != nil {
-			w.WriteHeader(http.StatusBadRequest)
+			writeEmpty(w, http.StatusBadRequest)
 			return
 		}
 		switch part.FormName() {
@@ -195,7 +197,7 @@ func (f *Fake) serveUpload(w http.ResponseWriter, r *http.Request, _ []string) {
 			var buf bytes.Buffer
 			lw := &limitedBuffer{buf: &buf, max: maxKeptUpload}
 			if _, err := io.Copy(io.MultiWriter(h, lw), part); err != nil {
-				w.WriteHeader(http.StatusBadRequest)
+				writeEmpty(w, http.StatusBadRequest)
 				return
 			}
 			sum = hex.EncodeToString(h.Sum(nil))
@@ -212,7 +214,7 @@ func (f *Fake) serveUpload(w http.ResponseWriter, r *http.Request, _ []string) {
 		part.Close()
 	}
 	if !haveImage || name == "" {
-		w.WriteHeader(http.StatusBadRequest)
+		writeEmpty(w, http.StatusBadRequest)
 		return
 	}
 	if typ != "input" && typ != "temp" && typ != "output" {
@@ -220,7 +222,7 @@ func (f *Fake) serveUpload(w http.ResponseWriter, r *http.Request, _ []string) {
 		return
 	}
 	if strings.HasPrefix(sub, "/") || escapes(sub) || strings.Contains(name, "/") {
-		w.WriteHeader(http.StatusBadRequest)
+		writeEmpty(w, http.StatusBadRequest)
 		return
 	}
 	name = path.Base(name)
