@@ -547,3 +547,50 @@ func TestServerThatReturnsLosesItsCopies(t *testing.T) {
 	tf.waitDone(t, id1)
 	tf.waitDone(t, id2)
 }
+
+func TestInterruptStopsOnlyThatPrompt(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}}) // 0.3.7: an interrupt stops whatever runs
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(300 * time.Millisecond)
+	}
+	a := tf.queue(t, workflow("a"))
+	b := tf.queue(t, workflow("b"))
+	pb, _, _ := tf.store.Get(context.Background(), b)
+	// Wait until a runs, then interrupt it by its id.
+	waitQueue := func() {
+		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+			_, q := tf.do(t, "GET", "/api/queue", nil)
+			var v struct {
+				R [][]any `json:"queue_running"`
+			}
+			json.Unmarshal(q, &v)
+			if len(v.R) == 2 {
+				return
+			}
+		}
+		t.Fatal("the prompts never both ran")
+	}
+	waitQueue()
+	if status, _ := tf.do(t, "POST", "/api/interrupt", map[string]any{"prompt_id": a}); status != 200 {
+		t.Fatalf("interrupt: %d", status)
+	}
+	ha := tf.waitDone(t, a)
+	hb := tf.waitDone(t, b)
+	sa, _ := json.Marshal(ha["status"])
+	sb, _ := json.Marshal(hb["status"])
+	if !strings.Contains(string(sa), "execution_interrupted") {
+		t.Errorf("prompt a was not interrupted: %s", sa)
+	}
+	if strings.Contains(string(sb), "execution_interrupted") {
+		t.Errorf("prompt b on %s was interrupted too: %s", pb.Server, sb)
+	}
+	// An id that runs nowhere stops nothing.
+	c := tf.queue(t, workflow("c"))
+	if status, _ := tf.do(t, "POST", "/api/interrupt", map[string]any{"prompt_id": "nobody"}); status != 200 {
+		t.Errorf("interrupt of an unknown id: %d; want 200", status)
+	}
+	hc := tf.waitDone(t, c)
+	if sc, _ := json.Marshal(hc["status"]); strings.Contains(string(sc), "execution_interrupted") {
+		t.Errorf("an interrupt of an unknown id stopped another prompt: %s", sc)
+	}
+}

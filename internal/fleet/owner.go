@@ -221,10 +221,14 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 	target := r.URL.RequestURI()
 	var obj map[string]json.RawMessage
 	json.Unmarshal(body, &obj)
+	if e.Kind == "interrupt" && obj["prompt_id"] != nil {
+		var id string
+		json.Unmarshal(obj["prompt_id"], &id)
+		f.interruptOne(w, r, id)
+		return
+	}
 	idsKey := ""
 	switch {
-	case e.Kind == "interrupt" && obj["prompt_id"] != nil:
-		idsKey = "prompt_id"
 	case e.Kind == "jobs":
 		idsKey = "job_ids"
 	case obj["delete"] != nil:
@@ -240,13 +244,7 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 		return
 	}
 	var ids []string
-	if idsKey == "prompt_id" {
-		var one string
-		json.Unmarshal(obj[idsKey], &one)
-		ids = []string{one}
-	} else {
-		json.Unmarshal(obj[idsKey], &ids)
-	}
+	json.Unmarshal(obj[idsKey], &ids)
 	// Each known id to its server, under its id there; unknown ids to all.
 	per := map[*member][]string{}
 	var unknown []string
@@ -258,7 +256,7 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 			continue
 		}
 		per[m] = append(per[m], p.ServerID)
-		if e.Kind != "history" && e.Kind != "interrupt" {
+		if e.Kind != "history" {
 			// Deleted or cancelled: the fleet must not queue it again.
 			p.Done, p.Body = true, nil
 			f.store.Put(ctx, p)
@@ -271,16 +269,52 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 	}
 	var as []answer
 	for m, sids := range per {
-		b := body
-		if idsKey == "prompt_id" {
-			obj[idsKey], _ = json.Marshal(sids[0])
-		} else {
-			obj[idsKey], _ = json.Marshal(sids)
-		}
-		b, _ = json.Marshal(obj)
+		obj[idsKey], _ = json.Marshal(sids)
+		b, _ := json.Marshal(obj)
 		as = append(as, f.send(ctx, r, m, r.Method, target, b))
 	}
 	f.answerFanout(w, r, as)
+}
+
+// interruptOne stops prompt id where it is running, and nowhere else: an
+// old server (0.3.7) stops whatever it runs when told to interrupt any id,
+// so the server's queue is read first, and a prompt that is only waiting
+// (or unknown, or done) is left alone, as ComfyUI 0.8 does.
+func (f *Fleet) interruptOne(w http.ResponseWriter, r *http.Request, id string) {
+	ctx := r.Context()
+	var order []*member
+	sids := map[*member]string{}
+	if p, known, _ := f.store.Get(ctx, id); known {
+		if m, ok := f.byName(p.Server); ok && m.u.Healthy() {
+			order, sids[m] = append(order, m), p.ServerID
+		}
+	} else {
+		for _, m := range f.healthy() {
+			order, sids[m] = append(order, m), id
+		}
+	}
+	for _, m := range order {
+		q := f.send(ctx, r, m, http.MethodGet, "/api/queue", nil)
+		var queue struct {
+			Running [][]json.RawMessage `json:"queue_running"`
+		}
+		if q.err != nil || q.status != http.StatusOK || json.Unmarshal(q.body, &queue) != nil || !queueHas(queue.Running, sids[m]) {
+			continue
+		}
+		body, _ := json.Marshal(map[string]string{"prompt_id": sids[m]})
+		a := f.send(ctx, r, m, http.MethodPost, "/api/interrupt", body)
+		if a.err != nil {
+			f.proxy.Fail(w, r, m.u.Name, a.err)
+			return
+		}
+		relay(w, a)
+		return
+	}
+	// Not running anywhere: nothing to stop, as ComfyUI answers then.
+	w.Header().Del("Connection")
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", "0")
+	w.WriteHeader(http.StatusOK)
 }
 
 // answerFanout answers with the first server's answer that is a success,
