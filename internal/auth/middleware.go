@@ -91,7 +91,7 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 			}
 			if scope.Route.Access != route.Protected {
 				if failure == "" {
-					scope.KeyName, scope.KeyID = key.Name, key.ID()
+					scope.KeyName, scope.KeyID, scope.KeyScope = key.Name, key.ID(), key.Scope
 				} else if opts.Sessions != nil && r.URL.Path == "/" && wantsLogin(r) {
 					// The UI page itself is public, but without a session
 					// every call it makes would fail: log in first.
@@ -116,7 +116,7 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 					"a request from another site cannot use this browser's comfygate session; send an API key instead")
 				return
 			}
-			scope.KeyName, scope.KeyID = key.Name, key.ID()
+			scope.KeyName, scope.KeyID, scope.KeyScope = key.Name, key.ID(), key.Scope
 			need := scope.Route.Scope
 			if need == route.ScopeNone {
 				// Only an entry nobody classified (no requestlog in front)

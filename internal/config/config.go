@@ -46,6 +46,9 @@ type Config struct {
 	Upstreams []UpstreamSpec
 	// UpstreamsFile is the --upstreams-file path, watched for changes.
 	UpstreamsFile string
+	// Isolation keeps each key to its own prompts, outputs and uploads
+	// (--isolation keys).
+	Isolation bool
 	// FleetPollInterval is how often the fleet polls every server.
 	// Default 2s; tests shorten it.
 	FleetPollInterval time.Duration
@@ -137,7 +140,7 @@ var (
 type raw struct {
 	listen, apiKey, apiKeyFile      string
 	upstreams                       []string
-	upstreamsFile                   string
+	upstreamsFile, isolation        string
 	certFile, keyFile               string
 	port                            int
 	maxUploadMB                     float64
@@ -166,6 +169,7 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.StringVar(&r.listen, "listen", "127.0.0.1", "address(es) to listen on, comma-separated; 0.0.0.0 for every IPv4 interface")
 	fs.IntVar(&r.port, "port", 8188, "port to listen on")
 	fs.StringSliceVar(&r.upstreams, "upstream", []string{"http://127.0.0.1:8189"}, "ComfyUI's base URL; repeat it (or comma-separate) for a fleet of servers, each URL or NAME=URL")
+	fs.StringVar(&r.isolation, "isolation", "off", "off, or keys: each key sees and touches only its own prompts, outputs and uploads (admin keys see all)")
 	fs.StringVar(&r.upstreamsFile, "upstreams-file", "", "file with the fleet's servers, one URL or NAME=URL a line (optionally followed by drain); re-read when it changes")
 	fs.StringVar(&r.apiKey, "api-key", "", "an API key clients must send (prefer --api-key-file: the command line is visible to other users)")
 	fs.StringVar(&r.apiKeyFile, "api-key-file", "", "file with API keys, one per line; blank lines and # comments are ignored")
@@ -546,6 +550,14 @@ func load(args []string, lookupEnv func(string) (string, bool), envNames []strin
 		}
 	}
 
+	switch r.isolation {
+	case "off", "":
+	case "keys":
+		c.Isolation = true
+	default:
+		add("isolation", "must be off or keys, got %q", r.isolation)
+	}
+
 	// Client addresses, lockout and limits.
 	if p, err := clientip.ParsePrefixes(r.trustedProxies); err != nil {
 		add("trusted-proxy", "%v (want CIDRs such as 10.0.0.0/8 or single addresses)", err)
@@ -680,6 +692,9 @@ func load(args []string, lookupEnv func(string) (string, bool), envNames []strin
 	}
 	if len(c.Keys) == 0 && len(problems) == 0 {
 		c.Warnings = append(c.Warnings, authOffWarning(c))
+	}
+	if c.Isolation && len(c.Keys) == 0 && c.KeyFile == "" {
+		add("isolation", "keys needs API keys to tell people apart: set --api-key-file")
 	}
 
 	if len(problems) > 0 {

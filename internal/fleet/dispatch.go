@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/comfygate/comfygate/internal/hub"
 	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/upstream"
 )
@@ -188,6 +189,12 @@ func (f *Fleet) dispatch(w http.ResponseWriter, r *http.Request) {
 		// Not a prompt the fleet can read: the first server answers it
 		// with ComfyUI's own error.
 		f.passOn(w, r, raw)
+		return
+	}
+	if name, theirs := f.othersFile(r.Context(), f.viewerOf(r), graph); theirs {
+		reqscope.From(r.Context()).AuthFailure = "isolation"
+		writeJSON(w, http.StatusForbidden, comfyError("forbidden",
+			fmt.Sprintf("this prompt loads %q, which this key did not upload (with --isolation keys a prompt may load only its own key's uploads)", name), "", nil))
 		return
 	}
 	id, err := promptID(body)
@@ -372,13 +379,7 @@ func promptID(body map[string]json.RawMessage) (string, error) {
 }
 
 // owner identifies the key that made r ("" without one).
-func owner(r *http.Request) string {
-	id := reqscope.From(r.Context()).KeyID
-	if id == ([32]byte{}) {
-		return ""
-	}
-	return fmt.Sprintf("%x", id[:8])
-}
+func owner(r *http.Request) string { return hub.Owner(reqscope.From(r.Context()).KeyID) }
 
 // comfyError is ComfyUI's error document for POST /prompt.
 func comfyError(typ, message, details string, nodeErrors any) map[string]any {

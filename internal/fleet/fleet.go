@@ -55,6 +55,9 @@ type Options struct {
 	// a server: the socket hub's id, so that each server sends the gateway
 	// the prompt's messages. The client's own id is kept in the record.
 	ClientID string
+	// Isolation keeps each key to its own prompts, outputs and uploads
+	// (--isolation keys); admin-scope keys see everything.
+	Isolation bool
 	// Hub, if set, carries the sockets (/ws): Tick keeps its server
 	// sockets in step with the pool.
 	Hub *hub.Hub
@@ -379,20 +382,24 @@ func compact(b []byte) []byte {
 }
 
 // Route rewrites a WebSocket message from server for the client that
-// queued its prompt, and returns that client's id (the hub's Router).
-func (f *Fleet) Route(server string, msg map[string]any) string {
+// queued its prompt, and returns that client's id and the prompt's owner
+// (the hub's Router). The files of an executed message are recorded as
+// the owner's.
+func (f *Fleet) Route(server string, msg map[string]any) (clientID, owner string) {
 	d, _ := msg["data"].(map[string]any)
 	sid, _ := d["prompt_id"].(string)
 	if sid == "" {
-		return ""
+		return "", ""
 	}
-	p, ok, err := f.store.ByServerID(context.Background(), server, sid)
+	ctx := context.Background()
+	p, ok, err := f.store.ByServerID(ctx, server, sid)
 	if err != nil || !ok {
-		return ""
+		return "", ""
 	}
 	d["prompt_id"] = p.ID
 	if out, ok := d["output"]; ok {
+		f.indexOutputs(ctx, server, out, p.Owner)
 		markFiles(out, server)
 	}
-	return p.ClientID
+	return p.ClientID, p.Owner
 }

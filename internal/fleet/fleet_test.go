@@ -25,10 +25,6 @@ import (
 	"github.com/comfygate/comfygate/internal/upstream"
 )
 
-type routerFunc func(server string, msg map[string]any) string
-
-func (f routerFunc) Route(server string, msg map[string]any) string { return f(server, msg) }
-
 // testFleet is a fleet over fakes, served over loopback.
 type testFleet struct {
 	*Fleet
@@ -53,7 +49,7 @@ func newTestFleet(t *testing.T, opts []comfytest.Options) *testFleet {
 	}
 	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
 	var fl *Fleet
-	h := hub.New(routerFunc(func(s string, m map[string]any) string { return fl.Route(s, m) }),
+	h := hub.New(hub.RouterFunc(func(s string, m map[string]any) (string, string) { return fl.Route(s, m) }),
 		hub.Options{Logger: slog.New(slog.DiscardHandler)})
 	fl = New(pool, p, Options{PollInterval: time.Hour, PollTimeout: 2 * time.Second, Logger: slog.New(slog.DiscardHandler),
 		Hub: h, ClientID: h.ID})

@@ -33,7 +33,7 @@ func (f *Fleet) merge(w http.ResponseWriter, r *http.Request, e route.Entry) {
 	var q url.Values
 	if e.Label == "/jobs" {
 		q = r.URL.Query()
-		target += "?" + jobsQuery(q)
+		target += "?" + jobsQuery(q, f.opts.Isolation)
 	}
 	as := f.sendAll(r.Context(), r, hs, http.MethodGet, target, nil)
 	var ok []answer
@@ -54,19 +54,20 @@ func (f *Fleet) merge(w http.ResponseWriter, r *http.Request, e route.Entry) {
 		return
 	}
 	ctx := r.Context()
+	v := f.viewerOf(r)
 	var (
 		out []byte
 		err error
 	)
 	switch e.Label {
 	case "/queue":
-		out, err = f.mergeQueue(ctx, ok)
+		out, err = f.mergeQueue(ctx, v, ok)
 	case "/prompt":
 		out, err = mergePrompt(ok)
 	case "/history":
-		out, err = f.mergeHistory(ctx, ok, r.URL.Query())
+		out, err = f.mergeHistory(ctx, v, ok, r.URL.Query())
 	case "/jobs":
-		out, err = f.mergeJobs(ctx, ok, q)
+		out, err = f.mergeJobs(ctx, v, ok, q)
 	case "/object_info":
 		out, err = mergeObjectInfo(ok)
 	case "/system_stats":
@@ -135,7 +136,7 @@ func (f *Fleet) mapItem(ctx context.Context, server string, item []any) []any {
 	return item
 }
 
-func (f *Fleet) mergeQueue(ctx context.Context, as []answer) ([]byte, error) {
+func (f *Fleet) mergeQueue(ctx context.Context, v viewer, as []answer) ([]byte, error) {
 	running, pending := []any{}, []any{}
 	for _, a := range as {
 		var q struct {
@@ -145,14 +146,30 @@ func (f *Fleet) mergeQueue(ctx context.Context, as []answer) ([]byte, error) {
 		if err := decode(a.body, &q); err != nil {
 			return nil, err
 		}
+		// Under isolation, others' entries are left out; the totals
+		// (GET /prompt, status messages) still count them.
 		for _, it := range q.Running {
-			running = append(running, f.mapItem(ctx, a.m.u.Name, it))
+			if v.sees(f.itemPrompt(ctx, a.m.u.Name, it)) {
+				running = append(running, f.mapItem(ctx, a.m.u.Name, it))
+			}
 		}
 		for _, it := range q.Pending {
-			pending = append(pending, f.mapItem(ctx, a.m.u.Name, it))
+			if v.sees(f.itemPrompt(ctx, a.m.u.Name, it)) {
+				pending = append(pending, f.mapItem(ctx, a.m.u.Name, it))
+			}
 		}
 	}
 	return json.Marshal(map[string]any{"queue_running": running, "queue_pending": pending})
+}
+
+// itemPrompt is the record of a queue item's prompt (nil: unknown).
+func (f *Fleet) itemPrompt(ctx context.Context, server string, item []any) *Prompt {
+	if len(item) < 2 {
+		return nil
+	}
+	sid, _ := item[1].(string)
+	_, p := f.idMap(ctx, server, sid)
+	return p
 }
 
 func mergePrompt(as []answer) ([]byte, error) {
@@ -184,7 +201,7 @@ type historyEntry struct {
 // mapEntry rewrites one history entry of server: ids, client_id, and the
 // output file references, marked with the server (see markSubfolder). It
 // returns the id and, when the fleet queued it, when.
-func (f *Fleet) mapEntry(ctx context.Context, server, sid string, entry map[string]any) (string, time.Time) {
+func (f *Fleet) mapEntry(ctx context.Context, server, sid string, entry map[string]any) (string, *Prompt) {
 	id, p := f.idMap(ctx, server, sid)
 	if item, ok := entry["prompt"].([]any); ok {
 		f.mapItem(ctx, server, item)
@@ -192,10 +209,19 @@ func (f *Fleet) mapEntry(ctx context.Context, server, sid string, entry map[stri
 	if outs, ok := entry["outputs"]; ok {
 		markFiles(outs, server)
 	}
-	if p == nil {
-		return id, time.Time{}
+	// The status messages name the prompt too.
+	st, _ := entry["status"].(map[string]any)
+	msgs, _ := st["messages"].([]any)
+	for _, m := range msgs {
+		pair, _ := m.([]any)
+		if len(pair) < 2 {
+			continue
+		}
+		if data, ok := pair[1].(map[string]any); ok && data["prompt_id"] == sid {
+			data["prompt_id"] = id
+		}
 	}
-	return id, p.Created
+	return id, p
 }
 
 // lastTimestamp is the newest "timestamp" in a history entry's status
@@ -232,7 +258,7 @@ func intParam(q url.Values, name string) (int, bool, error) {
 	return n, true, nil
 }
 
-func (f *Fleet) mergeHistory(ctx context.Context, as []answer, q url.Values) ([]byte, error) {
+func (f *Fleet) mergeHistory(ctx context.Context, v viewer, as []answer, q url.Values) ([]byte, error) {
 	maxItems, hasMax, err := intParam(q, "max_items")
 	if err != nil {
 		return nil, err
@@ -254,12 +280,19 @@ func (f *Fleet) mergeHistory(ctx context.Context, as []answer, q url.Values) ([]
 		var prev int64
 		for _, sid := range keys {
 			e := h[sid]
-			id, created := f.mapEntry(ctx, a.m.u.Name, sid, e)
+			id, p := f.mapEntry(ctx, a.m.u.Name, sid, e)
 			when := lastTimestamp(e)
 			if when == 0 {
 				when = prev // keep it after the one before it
 			}
 			prev = when
+			if !v.sees(p) {
+				continue
+			}
+			var created time.Time
+			if p != nil {
+				created = p.Created
+			}
 			all = append(all, historyEntry{id: id, entry: e, when: when, created: created})
 		}
 	}
@@ -334,7 +367,7 @@ func objectKeys(b []byte) ([]string, error) {
 
 // jobsQuery is the query sent to each server for a merged /api/jobs: the
 // client's filters, and every job up to the page the client asked for.
-func jobsQuery(q url.Values) string {
+func jobsQuery(q url.Values, all bool) string {
 	out := url.Values{}
 	for k, v := range q {
 		if k != "limit" && k != "offset" {
@@ -342,13 +375,15 @@ func jobsQuery(q url.Values) string {
 		}
 	}
 	offset, _ := strconv.Atoi(q.Get("offset"))
-	if limit, err := strconv.Atoi(q.Get("limit")); err == nil && limit > 0 {
+	// Under isolation every job is read: the page is made of the
+	// caller's only.
+	if limit, err := strconv.Atoi(q.Get("limit")); err == nil && limit > 0 && !all {
 		out.Set("limit", strconv.Itoa(max(offset, 0)+limit))
 	}
 	return out.Encode()
 }
 
-func (f *Fleet) mergeJobs(ctx context.Context, as []answer, q url.Values) ([]byte, error) {
+func (f *Fleet) mergeJobs(ctx context.Context, v viewer, as []answer, q url.Values) ([]byte, error) {
 	offset, _, err := intParam(q, "offset")
 	if err != nil {
 		return nil, err
@@ -369,11 +404,19 @@ func (f *Fleet) mergeJobs(ctx context.Context, as []answer, q url.Values) ([]byt
 		if err := decode(a.body, &page); err != nil {
 			return nil, err
 		}
-		total += page.Pagination.Total
+		if v.admin {
+			total += page.Pagination.Total
+		}
 		for _, j := range page.Jobs {
-			if sid, ok := j["id"].(string); ok {
-				j["id"], _ = f.idMap(ctx, a.m.u.Name, sid)
+			sid, _ := j["id"].(string)
+			id, p := f.idMap(ctx, a.m.u.Name, sid)
+			if !v.sees(p) {
+				continue
 			}
+			if !v.admin {
+				total++
+			}
+			j["id"] = id
 			if outs, ok := j["preview_output"]; ok {
 				markFiles(outs, a.m.u.Name)
 			}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/proxy"
+	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/route"
 	"github.com/comfygate/comfygate/internal/upstream"
 )
@@ -78,9 +79,15 @@ func (f *Fleet) promptRoute(w http.ResponseWriter, r *http.Request, e route.Entr
 		query = "?" + r.URL.RawQuery
 	}
 	ctx := r.Context()
+	v := f.viewerOf(r)
 	var order []*member
 	sids := map[*member]string{}
-	if p, known, _ := f.store.Get(ctx, id); known {
+	p, known, _ := f.store.Get(ctx, id)
+	if !v.sees(promptOrNil(p, known)) {
+		f.hidden(w, r)
+		return
+	}
+	if known {
 		if m, ok := f.byName(p.Server); ok {
 			order, sids[m] = append(order, m), p.ServerID
 		}
@@ -116,6 +123,13 @@ func (f *Fleet) promptRoute(w http.ResponseWriter, r *http.Request, e route.Entr
 		return
 	}
 	f.proxy.Fail(w, r, "", errNoServer)
+}
+
+func promptOrNil(p Prompt, known bool) *Prompt {
+	if !known {
+		return nil
+	}
+	return &p
 }
 
 // mapPromptAnswer rewrites a server's answer about prompt sid: the
@@ -161,10 +175,15 @@ func (f *Fleet) mapPromptAnswer(ctx context.Context, server, sid string, body []
 // subfolder names, else the first server that has the file.
 func (f *Fleet) view(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
+	v := f.viewerOf(r)
+	typ := q.Get("type")
+	if typ == "" {
+		typ = "output" // ComfyUI's default
+	}
 	if server, sub, marked := unmarkSubfolder(q.Get("subfolder")); marked {
 		m, ok := f.byName(server)
-		if !ok {
-			jsonerr.Write(w, http.StatusNotFound, "not_found", "no such file")
+		if !ok || !f.seesFile(r.Context(), v, File{Server: server, Type: typ, Subfolder: sub, Filename: q.Get("filename")}) {
+			f.hidden(w, r)
 			return
 		}
 		q.Set("subfolder", sub)
@@ -174,7 +193,12 @@ func (f *Fleet) view(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Not marked (a file from before the fleet, or an input): ask each
-	// server in turn; the first that has it answers.
+	// server in turn; the first that has it answers. Under isolation only
+	// the caller's own uploads are served so.
+	if !f.seesFile(r.Context(), v, File{Type: typ, Subfolder: q.Get("subfolder"), Filename: q.Get("filename")}) {
+		f.hidden(w, r)
+		return
+	}
 	ms := f.healthy()
 	for i, m := range ms {
 		if i == len(ms)-1 {
@@ -221,11 +245,34 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 	target := r.URL.RequestURI()
 	var obj map[string]json.RawMessage
 	json.Unmarshal(body, &obj)
+	v := f.viewerOf(r)
 	if e.Kind == "interrupt" && obj["prompt_id"] != nil {
 		var id string
 		json.Unmarshal(obj["prompt_id"], &id)
+		p, known, _ := f.store.Get(ctx, id)
+		if !v.sees(promptOrNil(p, known)) {
+			f.hidden(w, r)
+			return
+		}
 		f.interruptOne(w, r, id)
 		return
+	}
+	if !v.admin {
+		// Under isolation a global action is the caller's own: interrupt
+		// stops its running prompts, clear deletes its entries.
+		switch {
+		case e.Kind == "interrupt":
+			f.interruptOwn(w, r, v)
+			return
+		case (e.Kind == "queue" || e.Kind == "history") && obj["clear"] != nil && obj["delete"] == nil:
+			ids := f.ownIDs(ctx, v, e.Kind == "history")
+			delete(obj, "clear")
+			obj["delete"], _ = json.Marshal(ids)
+			if len(ids) == 0 {
+				writeEmptyOK(w)
+				return
+			}
+		}
 	}
 	idsKey := ""
 	switch {
@@ -250,6 +297,9 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 	var unknown []string
 	for _, id := range ids {
 		p, known, _ := f.store.Get(ctx, id)
+		if !v.sees(promptOrNil(p, known)) {
+			continue // others' ids are not the caller's to touch
+		}
 		m, ok := f.byName(p.Server)
 		if !known || !ok {
 			unknown = append(unknown, id)
@@ -266,6 +316,10 @@ func (f *Fleet) fanout(w http.ResponseWriter, r *http.Request, e route.Entry) {
 		for _, m := range hs {
 			per[m] = append(per[m], unknown...)
 		}
+	}
+	if len(per) == 0 {
+		writeEmptyOK(w)
+		return
 	}
 	var as []answer
 	for m, sids := range per {
@@ -311,6 +365,44 @@ func (f *Fleet) interruptOne(w http.ResponseWriter, r *http.Request, id string) 
 		return
 	}
 	// Not running anywhere: nothing to stop, as ComfyUI answers then.
+	writeEmptyOK(w)
+}
+
+// interruptOwn stops the running prompts of v, and nobody else's.
+func (f *Fleet) interruptOwn(w http.ResponseWriter, r *http.Request, v viewer) {
+	ctx := r.Context()
+	own, _ := f.store.Owned(ctx, v.owner)
+	for _, p := range own {
+		if p.Done {
+			continue
+		}
+		m, ok := f.byName(p.Server)
+		if !ok {
+			continue
+		}
+		if running, _ := m.inQueue(p.ServerID); !running {
+			continue
+		}
+		body, _ := json.Marshal(map[string]string{"prompt_id": p.ServerID})
+		f.send(ctx, r, m, http.MethodPost, "/api/interrupt", body)
+	}
+	writeEmptyOK(w)
+}
+
+// ownIDs are the ids of v's prompts: done ones (history) or waiting ones.
+func (f *Fleet) ownIDs(ctx context.Context, v viewer, done bool) []string {
+	own, _ := f.store.Owned(ctx, v.owner)
+	ids := []string{}
+	for _, p := range own {
+		if p.Done == done {
+			ids = append(ids, p.ID)
+		}
+	}
+	return ids
+}
+
+// writeEmptyOK answers 200 with no body, as ComfyUI answers these POSTs.
+func writeEmptyOK(w http.ResponseWriter) {
 	w.Header().Del("Connection")
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("Content-Length", "0")
@@ -383,6 +475,16 @@ func (f *Fleet) upload(w http.ResponseWriter, r *http.Request) {
 		f.proxy.Fail(w, r, "", err)
 		return
 	}
+	v := f.viewerOf(r)
+	form, _ := readUploadForm(tmp, n, r.Header.Get("Content-Type"))
+	if f.opts.Isolation && form.name != "" {
+		fl := File{Type: form.typ, Subfolder: form.subfolder, Filename: form.name}
+		if o, known, _ := f.store.FileOwner(r.Context(), fl); known && o != v.owner {
+			reqscope.From(r.Context()).AuthFailure = "isolation"
+			jsonerr.Write(w, http.StatusForbidden, "forbidden", "another key uploaded a file of this name; choose another name")
+			return
+		}
+	}
 	type result struct {
 		m   *member
 		res *http.Response
@@ -427,6 +529,7 @@ func (f *Fleet) upload(w http.ResponseWriter, r *http.Request) {
 			var up struct {
 				Name      string `json:"name"`
 				Subfolder string `json:"subfolder"`
+				Type      string `json:"type"`
 			}
 			if json.Unmarshal(a.body, &up) == nil && up.Name != "" {
 				name := up.Name
@@ -436,6 +539,10 @@ func (f *Fleet) upload(w http.ResponseWriter, r *http.Request) {
 				res.m.mu.Lock()
 				res.m.uploads[name] = true
 				res.m.mu.Unlock()
+				if up.Type == "" {
+					up.Type = "input"
+				}
+				f.store.PutFile(r.Context(), File{Type: up.Type, Subfolder: up.Subfolder, Filename: up.Name}, v.owner)
 			}
 		} else {
 			f.log.Warn("fleet: a server refused an upload", "upstream", res.m.u.Name, "status", a.status)

@@ -167,8 +167,9 @@ func (f *Fleet) reconcile(ctx context.Context, ms []*member, active []Prompt, po
 			if a.err != nil || a.status != http.StatusOK {
 				continue // try again next tick
 			}
-			var h map[string]json.RawMessage
-			if json.Unmarshal(a.body, &h) == nil && h[p.ServerID] != nil {
+			var h map[string]map[string]any
+			if decode(a.body, &h) == nil && h[p.ServerID] != nil {
+				f.indexOutputs(ctx, p.Server, h[p.ServerID]["outputs"], p.Owner)
 				p.Done, p.Body = true, nil
 				f.store.Put(ctx, p)
 				continue

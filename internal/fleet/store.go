@@ -53,6 +53,18 @@ type Store interface {
 	ByServerID(ctx context.Context, server, sid string) (Prompt, bool, error)
 	// Active returns every record that is not Done.
 	Active(ctx context.Context) ([]Prompt, error)
+	// Owned returns the records of the prompts owner queued.
+	Owned(ctx context.Context, owner string) ([]Prompt, error)
+	// PutFile records who made or uploaded a file.
+	PutFile(ctx context.Context, f File, owner string) error
+	// FileOwner returns who made or uploaded a file.
+	FileOwner(ctx context.Context, f File) (string, bool, error)
+}
+
+// File names one file on a ComfyUI server as /view does. Server is ""
+// for an upload, which is on every server.
+type File struct {
+	Server, Type, Subfolder, Filename string
 }
 
 // memoryStore is the Store of a single gateway. It keeps every active
@@ -64,6 +76,8 @@ type memoryStore struct {
 	bySrv    map[Placement]string // placement → ID
 	doneFIFO []string
 	maxDone  int
+	files    map[File]string // → owner
+	fileFIFO []File
 }
 
 // NewMemoryStore returns a Store in memory that remembers up to maxDone
@@ -72,7 +86,7 @@ func NewMemoryStore(maxDone int) Store {
 	if maxDone <= 0 {
 		maxDone = 100_000
 	}
-	return &memoryStore{byID: map[string]*Prompt{}, bySrv: map[Placement]string{}, maxDone: maxDone}
+	return &memoryStore{byID: map[string]*Prompt{}, bySrv: map[Placement]string{}, maxDone: maxDone, files: map[File]string{}}
 }
 
 func clonePrompt(p Prompt) Prompt {
@@ -149,4 +163,41 @@ func (s *memoryStore) Active(_ context.Context) ([]Prompt, error) {
 		}
 	}
 	return out, nil
+}
+
+func (s *memoryStore) Owned(_ context.Context, owner string) ([]Prompt, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Prompt
+	for _, p := range s.byID {
+		if p.Owner == owner {
+			out = append(out, clonePrompt(*p))
+		}
+	}
+	return out, nil
+}
+
+// maxFiles bounds the file index; the oldest entries go first (their
+// files then become admin-only, like files from before the gateway).
+const maxFiles = 1_000_000
+
+func (s *memoryStore) PutFile(_ context.Context, f File, owner string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.files[f]; !ok {
+		s.fileFIFO = append(s.fileFIFO, f)
+		for len(s.fileFIFO) > maxFiles {
+			delete(s.files, s.fileFIFO[0])
+			s.fileFIFO = s.fileFIFO[1:]
+		}
+	}
+	s.files[f] = owner
+	return nil
+}
+
+func (s *memoryStore) FileOwner(_ context.Context, f File) (string, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.files[f]
+	return o, ok, nil
 }

@@ -31,21 +31,28 @@ import (
 )
 
 // RouterFunc is a Router made of a function.
-type RouterFunc func(server string, msg map[string]any) string
+type RouterFunc func(server string, msg map[string]any) (clientID, owner string)
 
 // Route calls f.
-func (f RouterFunc) Route(server string, msg map[string]any) string { return f(server, msg) }
+func (f RouterFunc) Route(server string, msg map[string]any) (clientID, owner string) {
+	return f(server, msg)
+}
 
 // Router says where a server's message goes and how the client sees it.
 type Router interface {
 	// Route rewrites a text message from server for the client that queued
 	// its prompt (ids as the client knows them, file references marked),
-	// and returns that client's id; "" when the message is no client's.
-	Route(server string, msg map[string]any) (clientID string)
+	// and returns that client's id ("" when the message is no client's)
+	// and the owner of its prompt (the key that queued it).
+	Route(server string, msg map[string]any) (clientID, owner string)
 }
 
 // Options configure a Hub.
 type Options struct {
+	// Isolation delivers a prompt's messages only to sockets opened with
+	// the key that queued it (--isolation keys); a socket without a key
+	// gets status messages only.
+	Isolation bool
 	// ID is the client id the gateway uses on every server; the fleet
 	// queues every prompt with it. Empty: a random one.
 	ID string
@@ -121,6 +128,7 @@ type outMsg struct {
 type client struct {
 	id    string
 	keyID [32]byte // the key that opened it (zero: none)
+	owner string   // the key as the fleet names owners ("" without a key)
 	conn  *websocket.Conn
 	queue chan outMsg
 	done  chan struct{}
@@ -163,7 +171,8 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return // Accept answered
 	}
 	conn.SetReadLimit(1 << 20)
-	c := &client{id: id, keyID: reqscope.From(r.Context()).KeyID, conn: conn, queue: make(chan outMsg, h.opts.ClientQueue), done: make(chan struct{})}
+	sc := reqscope.From(r.Context())
+	c := &client{id: id, keyID: sc.KeyID, owner: Owner(sc.KeyID), conn: conn, queue: make(chan outMsg, h.opts.ClientQueue), done: make(chan struct{})}
 	greeting, _ := json.Marshal(map[string]any{"type": "status", "data": map[string]any{
 		"status": map[string]any{"exec_info": map[string]any{"queue_remaining": h.QueueRemaining()}},
 		"sid":    id,
@@ -230,14 +239,27 @@ func (h *Hub) readClient(c *client) {
 	}
 }
 
-// deliver sends a message to every socket of client id.
-func (h *Hub) deliver(id string, m outMsg) {
+// Owner names the key with identity id as the fleet names the owner of a
+// prompt ("" for no key).
+func Owner(id [32]byte) string {
+	if id == ([32]byte{}) {
+		return ""
+	}
+	return hex.EncodeToString(id[:8])
+}
+
+// deliver sends a message to every socket of client id (under isolation,
+// of the prompt's owner only).
+func (h *Hub) deliver(id, owner string, m outMsg) {
 	if id == "" {
 		return
 	}
 	h.mu.Lock()
 	cs := make([]*client, 0, len(h.clients[id]))
 	for c := range h.clients[id] {
+		if h.opts.Isolation && (c.owner == "" || c.owner != owner) {
+			continue
+		}
 		cs = append(cs, c)
 	}
 	h.mu.Unlock()
@@ -280,9 +302,9 @@ func (h *Hub) Refresh() {
 type serverConn struct {
 	u      *upstream.Upstream
 	cancel context.CancelFunc
-	// current is the client of the prompt the server is executing, for
-	// its binary previews.
-	current string
+	// current and currentOwner are the client and owner of the prompt the
+	// server is executing, for its binary previews.
+	current, currentOwner string
 	// queue is the server's queue_remaining from its last status.
 	queue int
 
@@ -474,9 +496,9 @@ func (h *Hub) flush(sc *serverConn) {
 func (h *Hub) route(sc *serverConn, m heldMsg) bool {
 	if m.typ == websocket.MessageBinary {
 		h.mu.Lock()
-		to := sc.current
+		to, owner := sc.current, sc.currentOwner
 		h.mu.Unlock()
-		h.deliver(to, outMsg{typ: m.typ, data: m.data, preview: true})
+		h.deliver(to, owner, outMsg{typ: m.typ, data: m.data, preview: true})
 		return true
 	}
 	return h.serverText(sc, m.msg, m.data)
@@ -516,7 +538,7 @@ func (h *Hub) serverText(sc *serverConn, msg map[string]any, data []byte) bool {
 		}
 		return true
 	}
-	to := h.router.Route(sc.u.Name, msg)
+	to, owner := h.router.Route(sc.u.Name, msg)
 	if d, _ := msg["data"].(map[string]any); to == "" && d["prompt_id"] != nil {
 		return false
 	}
@@ -524,27 +546,27 @@ func (h *Hub) serverText(sc *serverConn, msg map[string]any, data []byte) bool {
 		// A message that names no prompt (a custom node's, or an old
 		// build's executing without an id) belongs to the prompt running.
 		h.mu.Lock()
-		to = sc.current
+		to, owner = sc.current, sc.currentOwner
 		h.mu.Unlock()
 	}
 	data, err := json.Marshal(msg)
 	if err != nil {
 		return true
 	}
-	h.deliver(to, outMsg{typ: websocket.MessageText, data: data})
+	h.deliver(to, owner, outMsg{typ: websocket.MessageText, data: data})
 	d, _ := msg["data"].(map[string]any)
 	h.mu.Lock()
 	switch typ {
 	case "execution_start":
-		sc.current = to
+		sc.current, sc.currentOwner = to, owner
 	case "executing":
 		if d["node"] == nil {
-			sc.current = ""
+			sc.current, sc.currentOwner = "", ""
 		} else {
-			sc.current = to
+			sc.current, sc.currentOwner = to, owner
 		}
 	case "execution_error", "execution_interrupted":
-		sc.current = ""
+		sc.current, sc.currentOwner = "", ""
 	}
 	h.mu.Unlock()
 	return true

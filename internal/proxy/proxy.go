@@ -54,6 +54,12 @@ type Options struct {
 	// whose X-Forwarded-For, -Proto and -Host are then passed on (with the
 	// proxy's address added) instead of replaced. Nil trusts nobody.
 	TrustForwarded func(*http.Request) bool
+	// UserHeader sets ComfyUI's comfy-user header (its --multi-user mode)
+	// to the name of the request's key, so that each key has its own
+	// workflows and settings (--isolation keys); a client's own
+	// comfy-user header is then removed. Without it the header passes, as
+	// the web UI of a --multi-user ComfyUI sends it.
+	UserHeader bool
 	// Via, if set, is this gateway's name in the Via header of every
 	// outbound request (RFC 9110 7.6.3), so that a request that comes back
 	// to the gateway that sent it is recognised (see LoopDetected).
@@ -221,12 +227,39 @@ func (p *Proxy) outbound(out, in *http.Request, u *upstream.Upstream) {
 		pr.SetXForwarded()
 	}
 	delete(out.Header, "X-Real-Ip")
+	if p.opts.UserHeader {
+		// ComfyUI trusts comfy-user: under isolation only the key names it.
+		delete(out.Header, "Comfy-User")
+		if name := reqscope.From(in.Context()).KeyName; name != "" {
+			out.Header.Set("Comfy-User", ComfyUser(name))
+		}
+	}
 	if p.opts.Via != "" {
 		out.Header.Add("Via", "1.1 "+p.opts.Via)
 	}
 	if p.opts.StripCredentials {
 		auth.Strip(out)
 	}
+}
+
+// ComfyUser is the comfy-user id of the key named name: ComfyUI's own
+// rule for user ids (every run of characters other than letters, digits,
+// '-' and '_' becomes '-'), so users.json can list "alice": "alice".
+func ComfyUser(name string) string {
+	var b strings.Builder
+	dash := false
+	for _, r := range name {
+		ok := r < 128 && (r == '-' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z')
+		switch {
+		case ok:
+			b.WriteRune(r)
+			dash = false
+		case !dash:
+			b.WriteByte('-')
+			dash = true
+		}
+	}
+	return b.String()
 }
 
 // LoopDetected reports whether r has already passed through the gateway

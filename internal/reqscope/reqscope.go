@@ -26,6 +26,8 @@ type Scope struct {
 	// KeyID is the authenticating key's in-process identity (its SHA-256);
 	// it is never logged.
 	KeyID [32]byte
+	// KeyScope is what the authenticating key may do (ScopeNone: no key).
+	KeyScope route.Scope
 	// AuthFailure says why the gateway refused the request (missing,
 	// invalid, scope, locked_out, rate_limited, cross_site), or "".
 	AuthFailure string

@@ -109,6 +109,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		Observe:          s.metrics.ObserveExchange,
 		TrustForwarded:   clients.FromTrustedProxy,
 		Via:              s.via,
+		UserHeader:       cfg.Isolation,
 		Logger:           logger,
 	})
 	s.keys.OnChange(s.keysChanged)
@@ -123,16 +124,17 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		end    http.Handler = s.proxy
 		public map[string]http.Handler
 	)
-	if cfg.Fleet() {
+	if cfg.Fleet() || cfg.Isolation {
 		s.metrics.EnableFleet()
-		s.hub = hub.New(hub.RouterFunc(func(server string, msg map[string]any) string { return s.fleet.Route(server, msg) }),
-			hub.Options{Logger: logger})
+		s.hub = hub.New(hub.RouterFunc(func(server string, msg map[string]any) (string, string) { return s.fleet.Route(server, msg) }),
+			hub.Options{Isolation: cfg.Isolation, Logger: logger})
 		s.fleet = fleet.New(s.pool, s.proxy, fleet.Options{
 			PollInterval: cfg.FleetPollInterval,
 			PollTimeout:  cfg.HealthTimeout,
 			MaxBodyBytes: cfg.MaxBodyBytes,
 			Hub:          s.hub,
 			ClientID:     s.hub.ID,
+			Isolation:    cfg.Isolation,
 			Events: fleet.Events{
 				Dispatched:  s.metrics.PromptDispatched,
 				Resubmitted: s.metrics.PromptResubmitted,
