@@ -43,10 +43,10 @@ func (s *Server) fleetPolled(st []fleet.ServerStatus) {
 // changes nothing (and says why in the log).
 func (s *Server) watchUpstreams(ctx context.Context, every time.Duration) {
 	path := s.cfg.UpstreamsFile
+	// The first look applies the file whatever it holds: it may have
+	// changed since the configuration was read (applying the same list
+	// changes nothing).
 	var last os.FileInfo
-	if fi, err := os.Stat(path); err == nil {
-		last = fi
-	}
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
