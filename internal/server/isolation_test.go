@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/comfygate/comfygate/internal/comfytest"
 	"github.com/comfygate/comfygate/internal/config"
@@ -250,6 +251,11 @@ func testIsolation(t *testing.T, n int) {
 	}
 	if bp != 0 {
 		t.Errorf("bob's socket got %d previews", bp)
+	}
+
+	reg := g.Server.Metrics().Registry()
+	if n := testutil.ToFloat64(mustCounter(t, reg, "comfygate_auth_failures_total", "reason", "isolation")); n < 5 {
+		t.Errorf("auth_failures_total{reason=isolation} = %v; want every refusal above counted", n)
 	}
 
 	// ComfyUI's multi-user header names the key, never what a client sent.
