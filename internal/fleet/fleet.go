@@ -22,6 +22,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	"net/url"
+	"sort"
 	"strings"
 	"sync"
 	"time"
@@ -379,6 +381,63 @@ func compact(b []byte) []byte {
 		return b
 	}
 	return buf.Bytes()
+}
+
+// Missed returns the messages clients missed while the hub's socket to
+// server was down since the given time: for each prompt of server that
+// ended meanwhile, its outputs (executed), its last status message
+// (execution_success, _error or _interrupted) and the end signal
+// (executing with node null), built from the server's history.
+func (f *Fleet) Missed(server string, since time.Time) []map[string]any {
+	ctx, cancel := context.WithTimeout(context.Background(), f.opts.PollTimeout)
+	defer cancel()
+	m, ok := f.byName(server)
+	if !ok {
+		return nil
+	}
+	var ps []Prompt
+	active, _ := f.store.Active(ctx)
+	for _, p := range active {
+		if p.Server == server && p.Placed.Before(time.Now()) {
+			ps = append(ps, p)
+		}
+	}
+	done, _ := f.store.FinishedSince(ctx, server, since)
+	ps = append(ps, done...)
+	var out []map[string]any
+	for _, p := range ps {
+		a := f.send(ctx, nil, m, http.MethodGet, "/api/history/"+url.PathEscape(p.ServerID), nil)
+		var h map[string]struct {
+			Outputs map[string]any `json:"outputs"`
+			Status  struct {
+				Messages [][]any `json:"messages"`
+			} `json:"status"`
+		}
+		if a.err != nil || a.status != http.StatusOK || decode(a.body, &h) != nil {
+			continue
+		}
+		e, ok := h[p.ServerID]
+		if !ok {
+			continue // still queued or running: its messages are to come
+		}
+		nodes := make([]string, 0, len(e.Outputs))
+		for node := range e.Outputs {
+			nodes = append(nodes, node)
+		}
+		sort.Strings(nodes)
+		for _, node := range nodes {
+			out = append(out, map[string]any{"type": "executed", "data": map[string]any{
+				"node": node, "display_node": node, "output": e.Outputs[node], "prompt_id": p.ServerID}})
+		}
+		if n := len(e.Status.Messages); n > 0 && len(e.Status.Messages[n-1]) == 2 {
+			last := e.Status.Messages[n-1]
+			if typ, ok := last[0].(string); ok {
+				out = append(out, map[string]any{"type": typ, "data": last[1]})
+			}
+		}
+		out = append(out, map[string]any{"type": "executing", "data": map[string]any{"node": nil, "prompt_id": p.ServerID}})
+	}
+	return out
 }
 
 // Route rewrites a WebSocket message from server for the client that

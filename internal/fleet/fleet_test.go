@@ -8,10 +8,12 @@ import (
 	"io"
 	"log/slog"
 	"mime/multipart"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -24,6 +26,17 @@ import (
 	"github.com/comfygate/comfygate/internal/route"
 	"github.com/comfygate/comfygate/internal/upstream"
 )
+
+// lateRouter is the fleet as the hub's router, made after the hub.
+type lateRouter struct{ f **Fleet }
+
+func (r lateRouter) Route(server string, msg map[string]any) (string, string) {
+	return (*r.f).Route(server, msg)
+}
+
+func (r lateRouter) Missed(server string, since time.Time) []map[string]any {
+	return (*r.f).Missed(server, since)
+}
 
 // testFleet is a fleet over fakes, served over loopback.
 type testFleet struct {
@@ -49,8 +62,7 @@ func newTestFleet(t *testing.T, opts []comfytest.Options) *testFleet {
 	}
 	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
 	var fl *Fleet
-	h := hub.New(hub.RouterFunc(func(s string, m map[string]any) (string, string) { return fl.Route(s, m) }),
-		hub.Options{Logger: slog.New(slog.DiscardHandler)})
+	h := hub.New(lateRouter{&fl}, hub.Options{Logger: slog.New(slog.DiscardHandler)})
 	fl = New(pool, p, Options{PollInterval: time.Hour, PollTimeout: 2 * time.Second, Logger: slog.New(slog.DiscardHandler),
 		Hub: h, ClientID: h.ID})
 	ctx, cancel := context.WithCancel(context.Background())
@@ -588,5 +600,104 @@ func TestInterruptStopsOnlyThatPrompt(t *testing.T) {
 	hc := tf.waitDone(t, c)
 	if sc, _ := json.Marshal(hc["status"]); strings.Contains(string(sc), "execution_interrupted") {
 		t.Errorf("an interrupt of an unknown id stopped another prompt: %s", sc)
+	}
+}
+
+// cutter forwards TCP connections to a server and can cut them all, and
+// refuse new ones for a while: a network drop between gateway and server.
+type cutter struct {
+	ln      net.Listener
+	target  string
+	mu      sync.Mutex
+	conns   []net.Conn
+	refuseT time.Time
+}
+
+func newCutter(t *testing.T, target string) *cutter {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cutter{ln: ln, target: target}
+	go func() {
+		for {
+			in, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.mu.Lock()
+			refuse := time.Now().Before(c.refuseT)
+			c.mu.Unlock()
+			if refuse {
+				in.Close()
+				continue
+			}
+			out, err := net.Dial("tcp", target)
+			if err != nil {
+				in.Close()
+				continue
+			}
+			c.mu.Lock()
+			c.conns = append(c.conns, in, out)
+			c.mu.Unlock()
+			go func() { io.Copy(out, in); out.Close() }()
+			go func() { io.Copy(in, out); in.Close() }()
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); c.cut(0) })
+	return c
+}
+
+// cut closes every connection and refuses new ones for d.
+func (c *cutter) cut(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.refuseT = time.Now().Add(d)
+	for _, conn := range c.conns {
+		conn.Close()
+	}
+	c.conns = nil
+}
+
+func TestSocketDropLosesNoEnd(t *testing.T) {
+	fk := comfytest.New(t, comfytest.Options{})
+	fk.SetNodeDelay(300 * time.Millisecond)
+	cut := newCutter(t, strings.TrimPrefix(fk.URL(), "http://"))
+	u, _ := url.Parse("http://" + cut.ln.Addr().String())
+	pool, _ := upstream.NewPool([]upstream.Spec{{Name: "gpu1", URL: u}}, upstream.Options{})
+	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
+	var fl *Fleet
+	h := hub.New(lateRouter{&fl}, hub.Options{Logger: slog.New(slog.DiscardHandler)})
+	fl = New(pool, p, Options{PollInterval: time.Hour, Logger: slog.New(slog.DiscardHandler), Hub: h, ClientID: h.ID})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	fl.Tick(ctx)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
+		fl.ServeHTTP(w, r.WithContext(ctx))
+	}))
+	defer srv.Close()
+	defer h.Close()
+	tf := &testFleet{Fleet: fl, URL: srv.URL, fakes: []*comfytest.Fake{fk}, pool: pool}
+	if err := fk.WaitSocket(ctx, h.ID); err != nil {
+		t.Fatal(err)
+	}
+	ws := tf.dialWS(t, "tester")
+	id := tf.queue(t, workflow("drop"))
+	// At the prompt's start, the network between gateway and server drops
+	// for longer than the prompt runs.
+	for m := range ws {
+		if m.typ == "execution_start" {
+			break
+		}
+	}
+	cut.cut(time.Second)
+	got := untilEnd(t, ws, id)
+	var executed bool
+	for _, m := range got {
+		executed = executed || m.typ == "executed" && strings.Contains(string(m.raw), `"subfolder":"@gpu1"`)
+	}
+	if !executed {
+		t.Errorf("after the drop the client got no executed message with its output: %d messages", len(got))
 	}
 }

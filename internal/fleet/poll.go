@@ -170,7 +170,7 @@ func (f *Fleet) reconcile(ctx context.Context, ms []*member, active []Prompt, po
 			var h map[string]map[string]any
 			if decode(a.body, &h) == nil && h[p.ServerID] != nil {
 				f.indexOutputs(ctx, p.Server, h[p.ServerID]["outputs"], p.Owner)
-				p.Done, p.Body = true, nil
+				p.Done, p.Body, p.Finished = true, nil, time.Now()
 				f.store.Put(ctx, p)
 				continue
 			}

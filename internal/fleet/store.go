@@ -28,8 +28,9 @@ type Prompt struct {
 	// Done is set when the prompt finished, failed, or was deleted.
 	Done bool
 	// Created is when the gateway first queued it; Placed is when it was
-	// queued on Server.
-	Created, Placed time.Time
+	// queued on Server; Finished is when the fleet saw it in its server's
+	// history (zero: not seen finished).
+	Created, Placed, Finished time.Time
 	// Moves counts how often it was queued again on another server.
 	Moves int
 	// Stale are earlier placements that may still hold a copy of the
@@ -53,6 +54,9 @@ type Store interface {
 	ByServerID(ctx context.Context, server, sid string) (Prompt, bool, error)
 	// Active returns every record that is not Done.
 	Active(ctx context.Context) ([]Prompt, error)
+	// FinishedSince returns the records of server's prompts seen finished
+	// at or after since.
+	FinishedSince(ctx context.Context, server string, since time.Time) ([]Prompt, error)
 	// Owned returns the records of the prompts owner queued.
 	Owned(ctx context.Context, owner string) ([]Prompt, error)
 	// PutFile records who made or uploaded a file.
@@ -200,4 +204,23 @@ func (s *memoryStore) FileOwner(_ context.Context, f File) (string, bool, error)
 	defer s.mu.Unlock()
 	o, ok := s.files[f]
 	return o, ok, nil
+}
+
+func (s *memoryStore) FinishedSince(_ context.Context, server string, since time.Time) ([]Prompt, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Prompt
+	for i := len(s.doneFIFO) - 1; i >= 0; i-- {
+		p := s.byID[s.doneFIFO[i]]
+		if p == nil {
+			continue
+		}
+		if p.Finished.Before(since) && !p.Finished.IsZero() {
+			break
+		}
+		if p.Server == server && !p.Finished.IsZero() {
+			out = append(out, clonePrompt(*p))
+		}
+	}
+	return out, nil
 }

@@ -30,14 +30,6 @@ import (
 	"github.com/comfygate/comfygate/internal/upstream"
 )
 
-// RouterFunc is a Router made of a function.
-type RouterFunc func(server string, msg map[string]any) (clientID, owner string)
-
-// Route calls f.
-func (f RouterFunc) Route(server string, msg map[string]any) (clientID, owner string) {
-	return f(server, msg)
-}
-
 // Router says where a server's message goes and how the client sees it.
 type Router interface {
 	// Route rewrites a text message from server for the client that queued
@@ -45,6 +37,10 @@ type Router interface {
 	// and returns that client's id ("" when the message is no client's)
 	// and the owner of its prompt (the key that queued it).
 	Route(server string, msg map[string]any) (clientID, owner string)
+	// Missed returns, for a server whose socket was down since the given
+	// time, the messages that matter of the prompts that ended meanwhile
+	// (their outputs and end signals), as the server would have sent them.
+	Missed(server string, since time.Time) []map[string]any
 }
 
 // Options configure a Hub.
@@ -57,7 +53,7 @@ type Options struct {
 	// queues every prompt with it. Empty: a random one.
 	ID string
 	// ClientQueue bounds the messages waiting for one client socket.
-	// Default 256. A client that falls that far behind loses previews
+	// Default 64. A client that falls that far behind loses previews
 	// first, then its socket (closed with 1008).
 	ClientQueue int
 	// WriteTimeout bounds one write to a client. Default 10s.
@@ -100,7 +96,7 @@ func (h *Hub) queueLocked() int {
 // New returns a Hub whose messages are routed by router.
 func New(router Router, opts Options) *Hub {
 	if opts.ClientQueue <= 0 {
-		opts.ClientQueue = 256
+		opts.ClientQueue = 64
 	}
 	if opts.WriteTimeout <= 0 {
 		opts.WriteTimeout = 10 * time.Second
@@ -126,6 +122,7 @@ type outMsg struct {
 
 // client is one client socket.
 type client struct {
+	h     *Hub
 	id    string
 	keyID [32]byte // the key that opened it (zero: none)
 	owner string   // the key as the fleet names owners ("" without a key)
@@ -135,11 +132,25 @@ type client struct {
 	once  sync.Once
 }
 
+// close ends c: it gets no more messages from now on, and its socket is
+// closed with code (the close handshake may take a while with a client
+// that does not read).
 func (c *client) close(code websocket.StatusCode, reason string) {
 	c.once.Do(func() {
 		close(c.done)
+		c.h.remove(c)
 		go c.conn.Close(code, reason)
 	})
+}
+
+// remove forgets client c.
+func (h *Hub) remove(c *client) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	delete(h.clients[c.id], c)
+	if len(h.clients[c.id]) == 0 {
+		delete(h.clients, c.id)
+	}
 }
 
 // send queues m for c without blocking. A full queue drops a preview; a
@@ -172,7 +183,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	conn.SetReadLimit(1 << 20)
 	sc := reqscope.From(r.Context())
-	c := &client{id: id, keyID: sc.KeyID, owner: Owner(sc.KeyID), conn: conn, queue: make(chan outMsg, h.opts.ClientQueue), done: make(chan struct{})}
+	c := &client{h: h, id: id, keyID: sc.KeyID, owner: Owner(sc.KeyID), conn: conn, queue: make(chan outMsg, h.opts.ClientQueue), done: make(chan struct{})}
 	greeting, _ := json.Marshal(map[string]any{"type": "status", "data": map[string]any{
 		"status": map[string]any{"exec_info": map[string]any{"queue_remaining": h.QueueRemaining()}},
 		"sid":    id,
@@ -184,14 +195,7 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	h.clients[id][c] = true
 	h.mu.Unlock()
-	defer func() {
-		h.mu.Lock()
-		delete(h.clients[id], c)
-		if len(h.clients[id]) == 0 {
-			delete(h.clients, id)
-		}
-		h.mu.Unlock()
-	}()
+	defer h.remove(c)
 
 	go h.readClient(c)
 	for {
@@ -399,9 +403,11 @@ func (h *Hub) Close() {
 // runServer keeps the socket to one server open, redialling with backoff.
 func (h *Hub) runServer(ctx context.Context, sc *serverConn) {
 	backoff := 250 * time.Millisecond
+	var down time.Time // when the last socket closed (zero: never open)
 	for ctx.Err() == nil {
 		start := time.Now()
-		err := h.serveServer(ctx, sc)
+		err := h.serveServer(ctx, sc, down)
+		down = time.Now()
 		if ctx.Err() != nil {
 			return
 		}
@@ -418,7 +424,7 @@ func (h *Hub) runServer(ctx context.Context, sc *serverConn) {
 	}
 }
 
-func (h *Hub) serveServer(ctx context.Context, sc *serverConn) error {
+func (h *Hub) serveServer(ctx context.Context, sc *serverConn, down time.Time) error {
 	wsURL := *sc.u.URL
 	wsURL.Scheme = map[string]string{"https": "wss"}[sc.u.URL.Scheme]
 	if wsURL.Scheme == "" {
@@ -438,6 +444,21 @@ func (h *Hub) serveServer(ctx context.Context, sc *serverConn) error {
 	// announcing preview metadata: previews stay the classic frames every
 	// client reads.
 	conn.Write(ctx, websocket.MessageText, []byte(`{"type":"feature_flags","data":{}}`))
+	if !down.IsZero() {
+		// Back after a drop: what clients missed that matters comes first
+		// (the server's own messages wait in the socket meanwhile).
+		missed := h.router.Missed(sc.u.Name, down)
+		sc.heldMu.Lock()
+		for _, m := range missed {
+			data, _ := json.Marshal(m)
+			sc.held = append(sc.held, heldMsg{typ: websocket.MessageText, data: data, msg: m, at: time.Now()})
+		}
+		h.flush(sc)
+		sc.heldMu.Unlock()
+		h.mu.Lock()
+		sc.current, sc.currentOwner = "", ""
+		h.mu.Unlock()
+	}
 	for {
 		typ, data, err := conn.Read(ctx)
 		if err != nil {

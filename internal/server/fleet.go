@@ -11,6 +11,18 @@ import (
 	"github.com/comfygate/comfygate/internal/upstream"
 )
 
+// fleetRouter is the fleet as the socket hub's router (the hub is made
+// first: the fleet queues prompts under the hub's client id).
+type fleetRouter struct{ s *Server }
+
+func (r fleetRouter) Route(server string, msg map[string]any) (string, string) {
+	return r.s.fleet.Route(server, msg)
+}
+
+func (r fleetRouter) Missed(server string, since time.Time) []map[string]any {
+	return r.s.fleet.Missed(server, since)
+}
+
 // fleetStatus is the fleet's view of its servers, for /health.
 func (s *Server) fleetStatus() []health.UpstreamStatus {
 	st := s.fleet.Status()

@@ -126,8 +126,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	)
 	if cfg.Fleet() || cfg.Isolation {
 		s.metrics.EnableFleet()
-		s.hub = hub.New(hub.RouterFunc(func(server string, msg map[string]any) (string, string) { return s.fleet.Route(server, msg) }),
-			hub.Options{Isolation: cfg.Isolation, Logger: logger})
+		s.hub = hub.New(fleetRouter{s}, hub.Options{Isolation: cfg.Isolation, Logger: logger})
 		s.fleet = fleet.New(s.pool, s.proxy, fleet.Options{
 			PollInterval: cfg.FleetPollInterval,
 			PollTimeout:  cfg.HealthTimeout,
