@@ -85,6 +85,34 @@ type Options struct {
 	// default, so every run has the message order of ws_messages_prompt.json.
 	Cache bool
 
+	// Classes, if not nil, are the only node classes the server has:
+	// /object_info lists only them, and a prompt with any other class is
+	// refused as ComfyUI refuses an unknown node. A class the fake does not
+	// know (a custom node) gets a definition without inputs. Nil: the 243
+	// classes of v0.3.7.
+	Classes []string
+
+	// Models lists the model files of each model folder ("checkpoints",
+	// "loras", "vae", ...), as the server's models directory would hold
+	// them. They are the choices of the loaders' combo inputs in
+	// /object_info (CheckpointLoaderSimple.ckpt_name, LoraLoader.lora_name,
+	// VAELoader.vae_name), the answer of /models/{folder}, and what
+	// validation accepts: a prompt naming another file fails with
+	// ComfyUI's value_not_in_list node error. Nil: no model files, as a
+	// fresh install (every loader then fails validation).
+	Models map[string][]string
+
+	// StepTime makes each KSampler of a prompt run steps × StepTime (its
+	// "steps" input; 20 when it has none), sending a "progress" message
+	// per step and noticing an interrupt at the next step, instead of the
+	// node delay. Zero: a KSampler takes the node delay like any node.
+	StepTime time.Duration
+
+	// ModelLoadTime is paid, when a CheckpointLoaderSimple executes, if
+	// its ckpt_name is not the checkpoint loaded by the previous one (the
+	// first load is paid too). ModelLoads counts the loads either way.
+	ModelLoadTime time.Duration
+
 	// Logf, if set, receives debug lines.
 	Logf func(format string, args ...any)
 }
@@ -124,13 +152,15 @@ type WSMessage struct {
 // on a loopback httptest server. All methods are safe for concurrent use.
 //
 // Prompts run one at a time on a worker goroutine, in a few milliseconds
-// (see SetNodeDelay). WebSockets follow server.py: a socket that connects
+// (see SetNodeDelay, and Options.StepTime and ModelLoadTime for a
+// simulated GPU). WebSockets follow server.py: a socket that connects
 // with a clientId already in use takes over the registration without closing
 // the old socket, and when either socket closes the clientId is
 // unregistered, even if the newer socket is still open.
 type Fake struct {
-	opts Options
-	srv  *httptest.Server
+	opts  Options
+	nodes *nodeSet // node classes, definitions and model files
+	srv   *httptest.Server
 
 	ctx    context.Context // cancelled by Close
 	cancel context.CancelFunc
@@ -169,6 +199,7 @@ type Fake struct {
 	received    map[string][]WSMessage
 	socketsSeen chan struct{} // closed and replaced when a socket registers
 	logLines    []string
+	gpu         gpu
 }
 
 type override struct {
@@ -183,6 +214,7 @@ func NewFake(opts Options) *Fake {
 	ctx, cancel := context.WithCancel(context.Background())
 	f := &Fake{
 		opts:        opts,
+		nodes:       nodesFor(opts),
 		ctx:         ctx,
 		cancel:      cancel,
 		delays:      map[string]time.Duration{},

@@ -164,7 +164,7 @@ func (f *Fake) servePostPrompt(w http.ResponseWriter, r *http.Request, _ []strin
 		extra = appendField(extra, "client_id", c)
 	}
 
-	outputs, perr := validate(nodes, f.inputExists)
+	outputs, perr := validate(nodes, f.nodes, f.inputExists)
 	if perr != nil {
 		writeJSON(w, http.StatusBadRequest, mustJSON(perr))
 		return
@@ -236,11 +236,12 @@ func parseGraph(raw json.RawMessage) ([]node, error) {
 }
 
 // validate checks a graph like execution.validate_prompt: every class must
-// exist, there must be an output node, and the inputs of the nodes the
-// outputs depend on must be within the bounds of their definitions, and a
-// LoadImage must name an input file that exists. It returns the output node
-// ids to execute.
-func validate(nodes []node, inputExists func(string) bool) ([]string, *promptError) {
+// exist in ns, there must be an output node, and the inputs of the nodes the
+// outputs depend on must be within the bounds of their definitions (numbers
+// between min and max, combo values among the choices), and a LoadImage
+// must name an input file that exists. It returns the output node ids to
+// execute.
+func validate(nodes []node, ns *nodeSet, inputExists func(string) bool) ([]string, *promptError) {
 	byID := map[string]*node{}
 	var outputs []string
 	for i := range nodes {
@@ -252,7 +253,7 @@ func validate(nodes []node, inputExists func(string) bool) ([]string, *promptErr
 				Error:      errorInfo{"invalid_prompt", "Cannot execute because a node is missing the class_type property.", fmt.Sprintf("Node ID '#%s'", n.id), map[string]any{}},
 				NodeErrors: []any{},
 			}
-		case !knownClass(n.classType):
+		case !ns.has(n.classType):
 			return nil, &promptError{
 				Error:      errorInfo{"invalid_prompt", fmt.Sprintf("Cannot execute because node %s does not exist.", n.classType), fmt.Sprintf("Node ID '#%s'", n.id), map[string]any{}},
 				NodeErrors: []any{},
@@ -274,7 +275,7 @@ func validate(nodes []node, inputExists func(string) bool) ([]string, *promptErr
 	for _, o := range outputs {
 		ok := true
 		for _, id := range dependencies(byID, o) {
-			errs := append(checkInputs(byID[id]), checkImage(byID[id], inputExists)...)
+			errs := append(ns.checkInputs(byID[id]), checkImage(byID[id], inputExists)...)
 			if len(errs) == 0 {
 				continue
 			}
@@ -340,10 +341,11 @@ func linkSource(v json.RawMessage) (string, bool) {
 	return id, true
 }
 
-// checkInputs checks the literal number inputs of a node that has a detailed
-// definition against their min and max.
-func checkInputs(n *node) []nodeErrorItem {
-	info, ok := detailedInfo[n.classType]
+// checkInputs checks the literal inputs of a node that has a detailed
+// definition: numbers against their min and max, combo values against the
+// choices.
+func (ns *nodeSet) checkInputs(n *node) []nodeErrorItem {
+	info, ok := ns.info[n.classType]
 	if !ok {
 		return nil
 	}
@@ -371,6 +373,11 @@ func checkInputs(n *node) []nodeErrorItem {
 		}
 		var cfg []json.RawMessage
 		json.Unmarshal(cfgRaw, &cfg)
+		var choices []json.RawMessage
+		if len(cfg) > 0 && json.Unmarshal(cfg[0], &choices) == nil {
+			errs = append(errs, checkChoice(name, v, cfg, choices)...)
+			continue
+		}
 		if len(cfg) < 2 {
 			continue
 		}
@@ -472,6 +479,7 @@ func (f *Fake) work() {
 			j, f.pending = f.pending[0], f.pending[1:]
 			f.running = j
 			f.interrupt = false
+			f.startRunLocked(j)
 		}
 		remaining := f.queueRemainingLocked()
 		f.mu.Unlock()
@@ -560,12 +568,11 @@ func (f *Fake) execute(j *job) {
 				PromptID    string `json:"prompt_id"`
 			}{id, id, j.id}))
 			f.setCurrentNode(id)
-			if stop {
+			if stop || f.runNode(j, n, delay, progress) {
 				interrupted = true
 				f.sendInterrupted(j, id, n.classType, executed, &messages)
 				break
 			}
-			f.sleep(delay)
 		}
 		if outputNodes[n.classType] {
 			var out json.RawMessage
@@ -585,7 +592,7 @@ func (f *Fake) execute(j *job) {
 		}
 		switch {
 		case cached == nil:
-			f.sendProgressState(j, progress.set(id, "finished", "1.0", "1.0"))
+			f.sendProgressState(j, progress.finish(id))
 		case outputNodes[n.classType]:
 			// A cached output node: only it is listed, with integers.
 			f.sendProgressState(j, progress.set(id, "finished", "1", "1"))
@@ -602,6 +609,7 @@ func (f *Fake) execute(j *job) {
 	f.mu.Lock()
 	f.running = nil
 	f.currentNode = ""
+	f.endRunLocked(!interrupted && f.ctx.Err() == nil)
 	f.history = append(f.history, historyEntry{j.id, entry})
 	if len(f.history) > maxHistory {
 		f.history = f.history[1:]
@@ -629,6 +637,13 @@ const maxHistory = 10000
 type progressState struct {
 	ids    []string
 	states map[string][3]string // state, value, max (JSON numbers as Python prints them)
+}
+
+// finish marks a node finished with its value at its max, as
+// ProgressRegistry.finish_progress does.
+func (p *progressState) finish(id string) *progressState {
+	max := p.states[id][2]
+	return p.set(id, "finished", max, max)
 }
 
 func (p *progressState) set(id, state, value, max string) *progressState {

@@ -27,7 +27,7 @@ var routes = []route{
 	{"GET", "/", true, (*Fake).serveIndex},
 	{"GET", "/ws", true, (*Fake).serveWS},
 	{"GET", "/embeddings", true, jsonConst([]byte("[]"))},
-	{"GET", "/models", true, jsonConst(mustJSON(modelFolders))},
+	{"GET", "/models", true, (*Fake).serveModelFolders},
 	{"GET", "/models/{folder}", true, (*Fake).serveModels},
 	{"GET", "/extensions", true, jsonConst(sampleExtensions)},
 	{"POST", "/upload/image", true, (*Fake).serveUpload},
@@ -38,7 +38,7 @@ var routes = []route{
 	{"GET", "/features", true, jsonConst(sampleFeatures)},
 	{"GET", "/prompt", true, (*Fake).serveGetPrompt},
 	{"POST", "/prompt", true, (*Fake).servePostPrompt},
-	{"GET", "/object_info", true, jsonConst(objectInfoAll)},
+	{"GET", "/object_info", true, (*Fake).serveObjectInfoAll},
 	{"GET", "/object_info/{node_class}", true, (*Fake).serveObjectInfo},
 	{"GET", "/history", true, (*Fake).serveHistory},
 	{"GET", "/history/{prompt_id}", true, (*Fake).serveHistoryItem},
@@ -239,14 +239,21 @@ func writeEmpty(w http.ResponseWriter, code int) {
 	w.WriteHeader(code)
 }
 
+func (f *Fake) serveModelFolders(w http.ResponseWriter, r *http.Request, _ []string) {
+	writeJSON(w, http.StatusOK, mustJSON(f.nodes.folders))
+}
+
+// serveModels is /models/{folder}: the files of Options.Models there.
 func (f *Fake) serveModels(w http.ResponseWriter, r *http.Request, args []string) {
-	for _, m := range modelFolders {
-		if m == args[0] {
-			writeJSON(w, http.StatusOK, []byte("[]"))
-			return
-		}
+	if !slices.Contains(f.nodes.folders, args[0]) {
+		writeEmpty(w, http.StatusNotFound)
+		return
 	}
-	writeEmpty(w, http.StatusNotFound)
+	files := f.nodes.models[args[0]]
+	if files == nil {
+		files = []string{}
+	}
+	writeJSON(w, http.StatusOK, mustJSON(files))
 }
 
 func (f *Fake) serveSystemStats(w http.ResponseWriter, r *http.Request, _ []string) {
@@ -258,48 +265,19 @@ func (f *Fake) serveSystemStats(w http.ResponseWriter, r *http.Request, _ []stri
 	writeJSON(w, http.StatusOK, body)
 }
 
-// objectInfoAll is /object_info: the detailed sample definitions for the
-// classes that have one, a minimal definition for the rest.
-var objectInfoAll = func() []byte {
-	var b strings.Builder
-	b.WriteByte('{')
-	for i, name := range classNames {
-		if i > 0 {
-			b.WriteByte(',')
-		}
-		b.Write(mustJSON(name))
-		b.WriteByte(':')
-		b.Write(nodeInfo(name))
-	}
-	b.WriteByte('}')
-	return []byte(b.String())
-}()
-
-func nodeInfo(name string) []byte {
-	if d, ok := detailedInfo[name]; ok {
-		return d
-	}
-	return mustJSON(map[string]any{
-		"input":          map[string]any{"required": map[string]any{}},
-		"input_order":    map[string]any{"required": []string{}},
-		"output":         []string{},
-		"output_is_list": []bool{},
-		"output_name":    []string{},
-		"name":           name,
-		"display_name":   name,
-		"description":    "",
-		"python_module":  "nodes",
-		"category":       "simulator",
-		"output_node":    outputNodes[name],
-	})
+// serveObjectInfoAll is /object_info: the captured definitions for the
+// classes that have one (with Options.Models in the loaders' combos), a
+// minimal definition for the rest.
+func (f *Fake) serveObjectInfoAll(w http.ResponseWriter, r *http.Request, _ []string) {
+	writeJSON(w, http.StatusOK, f.nodes.all)
 }
 
 func (f *Fake) serveObjectInfo(w http.ResponseWriter, r *http.Request, args []string) {
-	if !knownClass(args[0]) {
+	if !f.nodes.has(args[0]) {
 		writeJSON(w, http.StatusOK, []byte("{}"))
 		return
 	}
-	writeJSON(w, http.StatusOK, []byte("{"+string(mustJSON(args[0]))+":"+string(nodeInfo(args[0]))+"}"))
+	writeJSON(w, http.StatusOK, []byte("{"+string(mustJSON(args[0]))+":"+string(f.nodes.nodeInfo(args[0]))+"}"))
 }
 
 func (f *Fake) serveSettings(w http.ResponseWriter, r *http.Request, _ []string) {

@@ -37,6 +37,8 @@ var (
 	sampleFeatures   = compactJSON(mustRead("newest_features.json"))
 	samplePrompt     = compactJSON(mustRead("prompt_request.json"))
 
+	samplePromptTxt2Img = compactJSON(mustRead("prompt_txt2img.json"))
+
 	// classNames are the 243 node classes of v0.3.7, sorted.
 	classNames = func() []string {
 		var names []string
@@ -50,7 +52,7 @@ var (
 	// detailedInfo holds the node definitions captured in full.
 	detailedInfo = func() map[string]json.RawMessage {
 		m := map[string]json.RawMessage{}
-		for _, name := range []string{"object_info_EmptyImage.json", "object_info_SaveImage.json"} {
+		for _, name := range []string{"object_info_EmptyImage.json", "object_info_SaveImage.json", "object_info_txt2img.json"} {
 			var one map[string]json.RawMessage
 			if err := json.Unmarshal(mustRead(name), &one); err != nil {
 				panic(err)
@@ -77,8 +79,3 @@ var (
 
 // outputNodes are the classes the fake treats as output nodes.
 var outputNodes = map[string]bool{"SaveImage": true, "PreviewImage": true}
-
-func knownClass(name string) bool {
-	_, ok := slices.BinarySearch(classNames, name)
-	return ok
-}
