@@ -121,6 +121,7 @@ func (m *member) lacks(graph map[string]graphNode) *missing {
 // placement is a server chosen for a prompt.
 type placement struct {
 	m     *member
+	known bool // its capabilities are known (else: a last resort)
 	idle  bool
 	warm  bool // its last prompt used the same model files
 	queue int
@@ -140,10 +141,7 @@ func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string)
 			continue
 		}
 		x := m.lacks(graph)
-		if x == nil {
-			continue
-		}
-		if !x.none() {
+		if x != nil && !x.none() {
 			if closest == nil || x.count() < closest.count() {
 				closest = x
 			}
@@ -153,10 +151,19 @@ func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string)
 		m.mu.Lock()
 		warm := len(mods) > 0 && slices.Equal(m.lastModels, mods)
 		m.mu.Unlock()
-		cands = append(cands, placement{m: m, idle: q == 0, warm: warm, queue: q, order: i})
+		// A server whose messages the hub would not hear (its socket is
+		// not open yet, or is being redialled) is a last resort too.
+		heard := f.opts.Hub == nil || f.opts.Hub.Connected(m.u.Name)
+		cands = append(cands, placement{m: m, known: x != nil && heard, idle: q == 0, warm: warm, queue: q, order: i})
 	}
 	sort.SliceStable(cands, func(i, j int) bool {
 		a, b := cands[i], cands[j]
+		if a.known != b.known {
+			// A server whose node list is not read yet (it just joined)
+			// may take a prompt only when no known one can: it checks
+			// the prompt itself.
+			return a.known
+		}
 		if a.idle != b.idle {
 			return a.idle
 		}

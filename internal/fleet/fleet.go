@@ -14,7 +14,6 @@
 package fleet
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -372,15 +371,6 @@ func (f *Fleet) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error)
 		return nil, &proxy.ClientBodyError{Err: err}
 	}
 	return b, nil
-}
-
-// compact returns b without insignificant space, or b when it is not JSON.
-func compact(b []byte) []byte {
-	var buf bytes.Buffer
-	if json.Compact(&buf, b) != nil {
-		return b
-	}
-	return buf.Bytes()
 }
 
 // Missed returns the messages clients missed while the hub's socket to

@@ -701,3 +701,43 @@ func TestSocketDropLosesNoEnd(t *testing.T) {
 		t.Errorf("after the drop the client got no executed message with its output: %d messages", len(got))
 	}
 }
+
+// TestPromptBeforeServerSocket: a prompt queued on a server before the
+// hub's socket to it opens (the gateway just started, or the server just
+// joined) still ends on the client's socket, with its output.
+func TestPromptBeforeServerSocket(t *testing.T) {
+	fk := comfytest.New(t, comfytest.Options{})
+	u, _ := url.Parse(fk.URL())
+	pool, _ := upstream.NewPool([]upstream.Spec{{Name: "gpu1", URL: u}}, upstream.Options{})
+	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
+	var fl *Fleet
+	h := hub.New(lateRouter{&fl}, hub.Options{Logger: slog.New(slog.DiscardHandler)})
+	fl = New(pool, p, Options{PollInterval: time.Hour, Logger: slog.New(slog.DiscardHandler), Hub: h, ClientID: h.ID})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
+		fl.ServeHTTP(w, r.WithContext(ctx))
+	}))
+	defer srv.Close()
+	defer h.Close()
+	tf := &testFleet{Fleet: fl, URL: srv.URL, fakes: []*comfytest.Fake{fk}, pool: pool}
+
+	// No tick yet: the hub has no socket to gpu1, so gpu1 sends the
+	// prompt's messages to nobody.
+	ws := tf.dialWS(t, "tester")
+	id := tf.queue(t, workflow("early"))
+	tf.waitDone(t, id)
+	if got := fk.Received(h.ID); len(got) != 0 {
+		t.Fatalf("the hub had a socket to gpu1 before the first tick: %d messages", len(got))
+	}
+	fl.Tick(ctx)
+	got := untilEnd(t, ws, id)
+	var executed bool
+	for _, m := range got {
+		executed = executed || m.typ == "executed" && m.data["prompt_id"] == id && strings.Contains(string(m.raw), `"subfolder":"@gpu1"`)
+	}
+	if !executed {
+		t.Errorf("the client got no executed message with its output: %d messages", len(got))
+	}
+}

@@ -38,8 +38,9 @@ type member struct {
 	// tick acted on.
 	fails int
 	wasUp bool
-	// infoAt is when caps was read.
-	infoAt time.Time
+	// infoAt is when caps was read; infoBusy is set while it is read.
+	infoAt   time.Time
+	infoBusy bool
 }
 
 func newMember(u *upstream.Upstream) *member {

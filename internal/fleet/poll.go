@@ -25,6 +25,10 @@ func (f *Fleet) Tick(ctx context.Context) {
 	defer f.tickMu.Unlock()
 	ms := f.all()
 	start := time.Now()
+	if f.opts.Hub != nil {
+		// Sockets first: a server is heard as early as it is polled.
+		f.opts.Hub.Sync(ctx, f.pool.All())
+	}
 	var wg sync.WaitGroup
 	for _, m := range ms {
 		wg.Go(func() { f.poll(ctx, m) })
@@ -71,9 +75,9 @@ func (f *Fleet) Tick(ctx context.Context) {
 // poll reads one server's queue and system stats (and its object_info when
 // it is not known or old) and records its health.
 func (f *Fleet) poll(ctx context.Context, m *member) {
-	ctx, cancel := context.WithTimeout(ctx, f.opts.PollTimeout)
+	pctx, cancel := context.WithTimeout(ctx, f.opts.PollTimeout)
 	defer cancel()
-	q := f.send(ctx, nil, m, http.MethodGet, "/api/queue", nil)
+	q := f.send(pctx, nil, m, http.MethodGet, "/api/queue", nil)
 	var queue struct {
 		Running [][]json.RawMessage `json:"queue_running"`
 		Pending [][]json.RawMessage `json:"queue_pending"`
@@ -99,7 +103,7 @@ func (f *Fleet) poll(ctx context.Context, m *member) {
 		}
 		return out
 	}
-	st := f.send(ctx, nil, m, http.MethodGet, "/api/system_stats", nil)
+	st := f.send(pctx, nil, m, http.MethodGet, "/api/system_stats", nil)
 	m.mu.Lock()
 	m.fails = 0
 	m.running, m.pending = ids(queue.Running), ids(queue.Pending)
@@ -115,13 +119,36 @@ func (f *Fleet) poll(ctx context.Context, m *member) {
 		json.Unmarshal(st.body, &s)
 		m.version = s.System.Version
 	}
-	needInfo := m.caps == nil || time.Since(m.infoAt) > f.opts.InfoInterval || !m.wasUp
+	needInfo := !m.infoBusy && (m.caps == nil || time.Since(m.infoAt) > f.opts.InfoInterval || !m.wasUp)
+	if needInfo {
+		m.infoBusy = true
+	}
+	first := m.caps == nil
 	m.mu.Unlock()
 	m.u.SetHealthy(true)
-	if needInfo {
-		f.readInfo(ctx, m)
+	if !needInfo {
+		return
+	}
+	// /object_info is large (a megabyte and more) and slow to build on
+	// some servers: it has its own time limit and, once known, is read
+	// again in the background rather than holding up the tick.
+	read := func() {
+		ictx, cancel := context.WithTimeout(context.WithoutCancel(ctx), infoTimeout)
+		defer cancel()
+		f.readInfo(ictx, m)
+		m.mu.Lock()
+		m.infoBusy = false
+		m.mu.Unlock()
+	}
+	if first {
+		read()
+	} else {
+		go read()
 	}
 }
+
+// infoTimeout bounds one read of a server's /object_info.
+const infoTimeout = 30 * time.Second
 
 // readInfo reads a server's /object_info: its node classes and choices.
 func (f *Fleet) readInfo(ctx context.Context, m *member) {

@@ -311,6 +311,10 @@ type serverConn struct {
 	current, currentOwner string
 	// queue is the server's queue_remaining from its last status.
 	queue int
+	// up is set while the socket to the server is open.
+	up bool
+	// added is when the hub started keeping a socket to the server.
+	added time.Time
 
 	// held are the server's messages waiting for the first of them to be
 	// routable: a prompt's first messages can arrive before the fleet has
@@ -342,7 +346,7 @@ func (h *Hub) Sync(ctx context.Context, ups []*upstream.Upstream) {
 		keep[u] = true
 		if h.servers[u] == nil {
 			sctx, cancel := context.WithCancel(ctx)
-			sc := &serverConn{u: u, cancel: cancel}
+			sc := &serverConn{u: u, cancel: cancel, added: time.Now()}
 			h.servers[u] = sc
 			go h.runServer(sctx, sc)
 		}
@@ -385,6 +389,19 @@ func (h *Hub) Open() int {
 	return n
 }
 
+// Connected reports whether the hub's socket to server is open: a prompt
+// queued there now has its messages delivered.
+func (h *Hub) Connected(server string) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for u, sc := range h.servers {
+		if u.Name == server {
+			return sc.up
+		}
+	}
+	return false
+}
+
 // Close ends every client socket with 1001 (going away).
 func (h *Hub) Close() {
 	h.mu.Lock()
@@ -403,7 +420,10 @@ func (h *Hub) Close() {
 // runServer keeps the socket to one server open, redialling with backoff.
 func (h *Hub) runServer(ctx context.Context, sc *serverConn) {
 	backoff := 250 * time.Millisecond
-	var down time.Time // when the last socket closed (zero: never open)
+	// down is when the last socket closed. Before the first one opens,
+	// it is when the server joined: a prompt the fleet queued there
+	// before the socket opened is told too.
+	down := sc.added
 	for ctx.Err() == nil {
 		start := time.Now()
 		err := h.serveServer(ctx, sc, down)
@@ -439,26 +459,32 @@ func (h *Hub) serveServer(ctx context.Context, sc *serverConn, down time.Time) e
 		return err
 	}
 	defer conn.CloseNow()
+	h.mu.Lock()
+	sc.up = true
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		sc.up = false
+		h.mu.Unlock()
+	}()
 	conn.SetReadLimit(64 << 20) // previews and SaveImageWebsocket images
 	// Ask for the server's feature flags (newer servers answer), without
 	// announcing preview metadata: previews stay the classic frames every
 	// client reads.
 	conn.Write(ctx, websocket.MessageText, []byte(`{"type":"feature_flags","data":{}}`))
-	if !down.IsZero() {
-		// Back after a drop: what clients missed that matters comes first
-		// (the server's own messages wait in the socket meanwhile).
-		missed := h.router.Missed(sc.u.Name, down)
-		sc.heldMu.Lock()
-		for _, m := range missed {
-			data, _ := json.Marshal(m)
-			sc.held = append(sc.held, heldMsg{typ: websocket.MessageText, data: data, msg: m, at: time.Now()})
-		}
-		h.flush(sc)
-		sc.heldMu.Unlock()
-		h.mu.Lock()
-		sc.current, sc.currentOwner = "", ""
-		h.mu.Unlock()
+	// What clients missed that matters while there was no socket comes
+	// first (the server's own messages wait in the socket meanwhile).
+	missed := h.router.Missed(sc.u.Name, down)
+	sc.heldMu.Lock()
+	for _, m := range missed {
+		data, _ := json.Marshal(m)
+		sc.held = append(sc.held, heldMsg{typ: websocket.MessageText, data: data, msg: m, at: time.Now()})
 	}
+	h.flush(sc)
+	sc.heldMu.Unlock()
+	h.mu.Lock()
+	sc.current, sc.currentOwner = "", ""
+	h.mu.Unlock()
 	for {
 		typ, data, err := conn.Read(ctx)
 		if err != nil {

@@ -1,0 +1,187 @@
+package realcomfy_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/config"
+	"github.com/comfygate/comfygate/internal/realcomfy"
+	"github.com/comfygate/comfygate/internal/server"
+)
+
+// startFleetGateway runs comfygate in front of servers as a fleet named
+// a, b, ... (the first serves the web UI and user data).
+func startFleetGateway(t *testing.T, servers []*realcomfy.Server) *gateway {
+	t.Helper()
+	key := "cg_rc_" + randomHex(20)
+	keyFile := t.TempDir() + "/keys"
+	if err := os.WriteFile(keyFile, []byte("realcomfy:"+key+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"--api-key-file", keyFile}
+	for i, s := range servers {
+		args = append(args, "--upstream", fmt.Sprintf("%c=%s", 'a'+i, s.URL))
+	}
+	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatalf("config: %v", err)
+	}
+	cfg.FleetPollInterval = 500 * time.Millisecond
+	logs := &syncBuffer{}
+	srv, err := server.New(cfg, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), "test", logs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ctx, []net.Listener{ln}, nil) }()
+	g := &gateway{URL: "http://" + ln.Addr().String(), apiKey: key, comfy: servers[0],
+		hc: &http.Client{Transport: &http.Transport{DisableCompression: true}}}
+	t.Cleanup(func() {
+		g.hc.CloseIdleConnections()
+		cancel()
+		<-done
+		if t.Failed() {
+			t.Logf("gateway log:\n%s", logs.tail(80))
+		}
+	})
+	// Ready once the fleet has read every server's node list.
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, b := g.do(t, "GET", "/health", nil)
+		if strings.Count(string(b), `"status":"healthy"`) == len(servers)+1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the fleet never found every server healthy: %s", b)
+		}
+	}
+	return g
+}
+
+// blurGraph is EmptyImage → n small ImageBlurs → SaveImage: a prompt that
+// runs a few hundred milliseconds on CPU.
+func blurGraph(n, col int, prefix string) map[string]any {
+	graph := map[string]any{"1": node("EmptyImage", map[string]any{"width": 128, "height": 128, "batch_size": 1, "color": col})}
+	for i := 2; i <= n+1; i++ {
+		graph[strconv.Itoa(i)] = node("ImageBlur", map[string]any{"image": []any{strconv.Itoa(i - 1), 0}, "blur_radius": 10, "sigma": 1.0})
+	}
+	graph[strconv.Itoa(n+2)] = node("SaveImage", map[string]any{"images": []any{strconv.Itoa(n + 1), 0}, "filename_prefix": prefix})
+	return graph
+}
+
+// waitHistory polls the merged /history/{id} until the prompt is there.
+func (g *gateway) waitHistory(t *testing.T, id string, within time.Duration) historyEntry {
+	t.Helper()
+	for deadline := time.Now().Add(within); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+		resp, b := g.do(t, "GET", "/api/history/"+id, nil, "X-API-Key", g.apiKey)
+		var h map[string]historyEntry
+		if resp.StatusCode == 200 && json.Unmarshal(b, &h) == nil {
+			if e, ok := h[id]; ok && e.Status.Completed {
+				return e
+			}
+		}
+	}
+	t.Fatalf("prompt %s did not finish within %v", id, within)
+	return historyEntry{}
+}
+
+// TestFleetOfRealServers runs a mixed fleet, ComfyUI 0.3.7 (which makes
+// its own prompt ids) and 0.8.0 (which takes the client's), behind one
+// comfygate: prompts spread over both, every answer uses the ids the
+// client got, /history, /view and /queue answer as one server, and a
+// server stopped mid-run loses nothing.
+func TestFleetOfRealServers(t *testing.T) {
+	servers := realcomfy.Start(t, realcomfy.V037, realcomfy.V080)
+	g := startFleetGateway(t, servers)
+
+	ws := g.dial(t, "fleet-client", g.keyHeader())
+	var ids []string
+	for i := range 8 {
+		ids = append(ids, g.queue(t, blurGraph(3, 0x102030*(i+1)&0xffffff, fmt.Sprint("fleet", i)), "fleet-client"))
+	}
+	// The socket ends every prompt, with the ids the client knows.
+	ended := map[string]bool{}
+	deadline := time.Now().Add(90 * time.Second)
+	for len(ended) < len(ids) && time.Now().Before(deadline) {
+		ctx, cancel := context.WithDeadline(t.Context(), deadline)
+		_, b, err := ws.Read(ctx)
+		cancel()
+		if err != nil {
+			for _, id := range ids {
+				_, hb := g.do(t, "GET", "/api/history/"+id, nil, "X-API-Key", g.apiKey)
+				t.Logf("%s ended=%v history=%.300s", id, ended[id], hb)
+			}
+			t.Fatalf("socket: %v after %d ends", err, len(ended))
+		}
+		var m struct {
+			Type string
+			Data struct {
+				Node     *string `json:"node"`
+				PromptID string  `json:"prompt_id"`
+			}
+		}
+		if json.Unmarshal(b, &m) == nil && m.Type == "executing" && m.Data.Node == nil && m.Data.PromptID != "" {
+			ended[m.Data.PromptID] = true
+		}
+	}
+	ran := map[string]int{}
+	for i, id := range ids {
+		if !ended[id] {
+			t.Errorf("no end signal on the socket for %s", id)
+		}
+		e := g.waitHistory(t, id, 30*time.Second)
+		img := e.image(t, strconv.Itoa(3+2))
+		server, _, _ := strings.Cut(strings.TrimPrefix(img.Subfolder, "@"), "/")
+		ran[server]++
+		checkPNG(t, g.view(t, img), 128, 128, 0x102030*(i+1)&0xffffff)
+	}
+	if ran["a"] == 0 || ran["b"] == 0 {
+		t.Errorf("prompts per server %v; want both servers used", ran)
+	}
+	// As one server: the merged history holds each id once; the queue is
+	// empty.
+	_, hb := g.do(t, "GET", "/api/history", nil, "X-API-Key", g.apiKey)
+	for _, id := range ids {
+		if n := strings.Count(string(hb), `"`+id+`":`); n != 1 {
+			t.Errorf("merged history has %s %d times", id, n)
+		}
+	}
+	if _, qb := g.do(t, "GET", "/api/queue", nil, "X-API-Key", g.apiKey); !strings.Contains(string(qb), `"queue_running":[]`) {
+		t.Errorf("queue after the run: %s", qb)
+	}
+
+	// Failover: b stops while prompts wait and run; all finish on a.
+	var more []string
+	for i := range 8 {
+		more = append(more, g.queue(t, blurGraph(6, 0x405060, fmt.Sprint("failover", i)), ""))
+	}
+	g.waitHistory(t, more[0], 60*time.Second)
+	if err := servers[1].Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range more {
+		e := g.waitHistory(t, id, 120*time.Second)
+		if e.Status.StatusStr != "success" {
+			t.Errorf("prompt %s ended %q after the failover", id, e.Status.StatusStr)
+		}
+	}
+	_, hb = g.do(t, "GET", "/api/history", nil, "X-API-Key", g.apiKey)
+	for _, id := range more {
+		if n := strings.Count(string(hb), `"`+id+`":`); n != 1 {
+			t.Errorf("after the failover the merged history has %s %d times", id, n)
+		}
+	}
+}
