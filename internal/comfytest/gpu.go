@@ -431,6 +431,10 @@ func (f *Fake) sample(j *job, n *node, progress *progressState) (stopped bool) {
 	return false
 }
 
+// Txt2ImgClasses are the node classes of Txt2Img's graph: with them as
+// Options.Classes, a fake runs Txt2Img and nothing else of ComfyUI's.
+var Txt2ImgClasses = []string{"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "SaveImage", "VAEDecode"}
+
 // Txt2Img returns the API-format graph (the "prompt" of POST /prompt) of
 // the standard txt2img workflow, as testdata/prompt_txt2img.json has it,
 // with the given checkpoint and KSampler steps: CheckpointLoaderSimple

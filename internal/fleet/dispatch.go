@@ -53,6 +53,8 @@ type missing struct {
 	classes []string          // class_types it does not have (by node id order)
 	nodes   map[string]string // node id → class_type it lacks
 	values  map[string][]valueMiss
+	// nowhere are the classes no known server has (set by choose).
+	nowhere []string
 }
 
 type valueMiss struct {
@@ -62,6 +64,15 @@ type valueMiss struct {
 }
 
 func (x *missing) none() bool { return len(x.classes) == 0 && len(x.values) == 0 }
+
+// further reports whether x is further from runnable than y: a missing
+// node class counts more than any number of missing values.
+func (x *missing) further(y *missing) bool {
+	if len(x.classes) != len(y.classes) {
+		return len(x.classes) > len(y.classes)
+	}
+	return x.count() > y.count()
+}
 
 func (x *missing) count() int {
 	n := len(x.classes)
@@ -135,14 +146,22 @@ func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string)
 	var (
 		cands   []placement
 		closest *missing
+		lacking = map[string]int{} // class → known servers without it
+		known   int
 	)
 	for i, m := range f.all() {
 		if !m.usable() || m.u.Name == except {
 			continue
 		}
 		x := m.lacks(graph)
+		if x != nil {
+			known++
+			for _, c := range x.classes {
+				lacking[c]++
+			}
+		}
 		if x != nil && !x.none() {
-			if closest == nil || x.count() < closest.count() {
+			if closest == nil || closest.further(x) {
 				closest = x
 			}
 			continue
@@ -178,6 +197,13 @@ func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string)
 	out := make([]*member, len(cands))
 	for i, c := range cands {
 		out[i] = c.m
+	}
+	if closest != nil {
+		for _, c := range closest.classes {
+			if lacking[c] == known {
+				closest.nowhere = append(closest.nowhere, c)
+			}
+		}
 	}
 	return out, closest
 }
@@ -410,9 +436,11 @@ func cannotRun(x *missing) map[string]any {
 			ids = append(ids, id)
 		}
 		sort.Strings(ids)
-		return comfyError("invalid_prompt",
-			fmt.Sprintf("Cannot execute because node %s does not exist on any ComfyUI server of this gateway.", strings.Join(x.classes, ", ")),
-			fmt.Sprintf("Node ID '#%s'", ids[0]), nil)
+		msg := fmt.Sprintf("Cannot execute because node %s does not exist on any ComfyUI server of this gateway.", strings.Join(x.nowhere, ", "))
+		if len(x.nowhere) == 0 {
+			msg = fmt.Sprintf("Cannot execute because no ComfyUI server of this gateway has every node and model of this prompt: node %s is only on servers that lack others.", strings.Join(x.classes, ", "))
+		}
+		return comfyError("invalid_prompt", msg, fmt.Sprintf("Node ID '#%s'", ids[0]), nil)
 	}
 	nodeErrors := map[string]any{}
 	for id, misses := range x.values {

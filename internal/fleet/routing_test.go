@@ -1,0 +1,190 @@
+package fleet
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/comfygate/comfygate/internal/comfytest"
+)
+
+// txt2img is a POST /prompt body of the standard txt2img workflow with the
+// given checkpoint.
+func txt2img(ckpt string, steps int) map[string]any {
+	return map[string]any{"prompt": comfytest.Txt2Img(ckpt, steps), "client_id": "tester"}
+}
+
+// serverOf returns the server a prompt was placed on.
+func (tf *testFleet) serverOf(t *testing.T, id string) string {
+	t.Helper()
+	p, ok, err := tf.store.Get(context.Background(), id)
+	if err != nil || !ok {
+		t.Fatalf("no record of %s: %v", id, err)
+	}
+	return p.Server
+}
+
+// TestRoutingByCapability: a prompt goes only to a server that has every
+// node class and every model file it names, whatever the queues; when no
+// server has them, the client gets ComfyUI's error shape naming what is
+// missing, and no server is asked.
+func TestRoutingByCapability(t *testing.T) {
+	classes := func(extra ...string) []string {
+		return append(slices.Clone(comfytest.Txt2ImgClasses), extra...)
+	}
+	tf := newTestFleet(t, []comfytest.Options{
+		{Classes: classes("OtherNode"), Models: map[string][]string{"checkpoints": {"sd15.safetensors"}}},
+		{Classes: classes("MyCustomNode"), Models: map[string][]string{"checkpoints": {"sdxl.safetensors"}}},
+	})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(50 * time.Millisecond)
+	}
+
+	// Each checkpoint exists on one server only: three prompts of each go
+	// there, although the other server is idle.
+	var ids []string
+	want := map[string]string{}
+	for range 3 {
+		for ckpt, server := range map[string]string{"sd15.safetensors": "gpu1", "sdxl.safetensors": "gpu2"} {
+			id := tf.queue(t, txt2img(ckpt, 2))
+			ids = append(ids, id)
+			want[id] = server
+		}
+	}
+	for _, id := range ids {
+		if got := tf.serverOf(t, id); got != want[id] {
+			t.Errorf("prompt %s went to %s; only %s has its checkpoint", id, got, want[id])
+		}
+	}
+	for _, id := range ids {
+		tf.waitDone(t, id)
+	}
+
+	// A custom node that only gpu2 has.
+	custom := txt2img("sdxl.safetensors", 2)
+	custom["prompt"].(map[string]any)["10"] = map[string]any{"class_type": "MyCustomNode", "inputs": map[string]any{}}
+	id := tf.queue(t, custom)
+	if got := tf.serverOf(t, id); got != "gpu2" {
+		t.Errorf("a prompt with MyCustomNode went to %s; only gpu2 has it", got)
+	}
+	tf.waitDone(t, id)
+
+	before := len(tf.fakes[0].Completed()) + len(tf.fakes[1].Completed())
+	for _, tc := range []struct {
+		name     string
+		body     map[string]any
+		wantType string
+		wantIn   string // in the error's message or node_errors
+	}{
+		{"model on no server", txt2img("nope.safetensors", 2), "prompt_outputs_failed_validation", "nope.safetensors"},
+		{"node on no server", func() map[string]any {
+			b := txt2img("sd15.safetensors", 2)
+			b["prompt"].(map[string]any)["10"] = map[string]any{"class_type": "NoSuchNode", "inputs": map[string]any{}}
+			return b
+		}(), "invalid_prompt", "NoSuchNode"},
+		{"custom node and the other server's model", func() map[string]any {
+			b := txt2img("sd15.safetensors", 2)
+			b["prompt"].(map[string]any)["10"] = map[string]any{"class_type": "MyCustomNode", "inputs": map[string]any{}}
+			return b
+		}(), "prompt_outputs_failed_validation", "sd15.safetensors"},
+		{"nodes split over two servers", func() map[string]any {
+			b := txt2img("sdxl.safetensors", 2)
+			b["prompt"].(map[string]any)["10"] = map[string]any{"class_type": "MyCustomNode", "inputs": map[string]any{}}
+			b["prompt"].(map[string]any)["11"] = map[string]any{"class_type": "OtherNode", "inputs": map[string]any{}}
+			return b
+		}(), "invalid_prompt", "only on servers that lack others"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			status, b := tf.do(t, "POST", "/api/prompt", tc.body)
+			var e struct {
+				Error struct {
+					Type    string `json:"type"`
+					Message string `json:"message"`
+				} `json:"error"`
+				NodeErrors json.RawMessage `json:"node_errors"`
+			}
+			if status != http.StatusBadRequest || json.Unmarshal(b, &e) != nil {
+				t.Fatalf("got %d %s; want 400 in ComfyUI's error shape", status, b)
+			}
+			if e.Error.Type != tc.wantType || e.NodeErrors == nil {
+				t.Errorf("error %s; want type %s with node_errors", b, tc.wantType)
+			}
+			if !strings.Contains(e.Error.Message+string(e.NodeErrors), tc.wantIn) {
+				t.Errorf("error %s does not name %s", b, tc.wantIn)
+			}
+		})
+	}
+	time.Sleep(100 * time.Millisecond)
+	if after := len(tf.fakes[0].Completed()) + len(tf.fakes[1].Completed()); after != before {
+		t.Errorf("%d prompts ran after refusals; want none", after-before)
+	}
+}
+
+// TestRoutingAffinity: with two servers that both have two checkpoints,
+// prompts alternating between the checkpoints each go back to the server
+// that last loaded theirs, so each server loads one checkpoint once.
+func TestRoutingAffinity(t *testing.T) {
+	models := map[string][]string{"checkpoints": {"a.safetensors", "b.safetensors"}}
+	tf := newTestFleet(t, []comfytest.Options{{Models: models}, {Models: models}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(20 * time.Millisecond)
+	}
+	// Two at once: one per idle server.
+	first := map[string]string{
+		tf.queue(t, txt2img("a.safetensors", 2)): "a.safetensors",
+		tf.queue(t, txt2img("b.safetensors", 2)): "b.safetensors",
+	}
+	home := map[string]string{} // checkpoint → server
+	for id, ckpt := range first {
+		tf.waitDone(t, id)
+		home[ckpt] = tf.serverOf(t, id)
+	}
+	tf.Tick(context.Background())
+	if home["a.safetensors"] == home["b.safetensors"] {
+		t.Fatalf("both first prompts went to %s; want one per idle server", home["a.safetensors"])
+	}
+	// Then one at a time, both servers idle each time: the warm one wins.
+	for i := range 6 {
+		ckpt := []string{"a.safetensors", "b.safetensors"}[i%2]
+		id := tf.queue(t, txt2img(ckpt, 2))
+		if got := tf.serverOf(t, id); got != home[ckpt] {
+			t.Errorf("prompt %d (%s) went to %s; %s has it loaded", i, ckpt, got, home[ckpt])
+		}
+		tf.waitDone(t, id)
+		tf.Tick(context.Background()) // both idle again
+	}
+	for i, fk := range tf.fakes {
+		if n := fk.ModelLoads(); n != 1 {
+			t.Errorf("gpu%d loaded a checkpoint %d times; want 1", i+1, n)
+		}
+	}
+}
+
+// TestRoutingShortestQueue: when every server is busy and none has the
+// prompt's model loaded, the prompt goes to the shortest queue.
+func TestRoutingShortestQueue(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}, {}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(300 * time.Millisecond)
+	}
+	counts := map[string]int{}
+	var ids []string
+	for i := range 9 {
+		id := tf.queue(t, workflow("q"+string(rune('a'+i))))
+		ids = append(ids, id)
+		counts[tf.serverOf(t, id)]++
+	}
+	for _, server := range []string{"gpu1", "gpu2", "gpu3"} {
+		if counts[server] != 3 {
+			t.Errorf("queues %v; want 3 prompts on each of three servers", counts)
+			break
+		}
+	}
+	for _, id := range ids {
+		tf.waitDone(t, id)
+	}
+}
