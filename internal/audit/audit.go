@@ -83,7 +83,8 @@ func (l *Log) Write(e Event) {
 }
 
 // Middleware audits every state-changing request (any method but GET, HEAD
-// and OPTIONS; WebSocket upgrades are GETs) after it is answered. It must
+// and OPTIONS; WebSocket upgrades are GETs), and GET /logout, which ends a
+// session, after it is answered. It must
 // sit inside requestlog.Middleware, whose scope it reads for the route, key
 // name and client, and outside authentication, so refusals are audited too.
 func (l *Log) Middleware() func(http.Handler) http.Handler {
@@ -92,13 +93,15 @@ func (l *Log) Middleware() func(http.Handler) http.Handler {
 			return next
 		}
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			switch r.Method {
-			case http.MethodGet, http.MethodHead, http.MethodOptions:
-				next.ServeHTTP(w, r)
-				return
-			}
 			scope := reqscope.From(r.Context())
 			kind := scope.Route.Kind
+			switch r.Method {
+			case http.MethodGet, http.MethodHead, http.MethodOptions:
+				if kind != "logout" || r.Method != http.MethodGet {
+					next.ServeHTTP(w, r)
+					return
+				}
+			}
 			cw := &captureWriter{ResponseWriter: w, keep: kind == "prompt"}
 			next.ServeHTTP(cw, r)
 			status := cw.status

@@ -384,6 +384,7 @@ func TestAuditTrail(t *testing.T) {
 	do(t, "POST", g.URL+"/api/prompt", strings.NewReader(`{}`), "X-API-Key", "nope", "X-Forwarded-For", "198.51.100.1") // unauthorized
 	do(t, "POST", g.URL+"/api/prompt", strings.NewReader(`{}`), "X-API-Key", "nope", "X-Forwarded-For", "198.51.100.1") // locks out
 	do(t, "GET", g.URL+"/api/queue", nil, "X-API-Key", readKey)                                                         // a read: not audited
+	do(t, "GET", g.URL+"/logout", nil)                                                                                  // a GET that ends a session
 	os.WriteFile(file, []byte("ops:"+adminKey+"\n"), 0o600)
 	g.Server.ReloadKeys()
 	g.stop(t)
@@ -414,6 +415,7 @@ func TestAuditTrail(t *testing.T) {
 		"prompt <nil> /prompt unauthorized 198.51.100.1 <nil>",
 		"lockout <nil> <nil> locked_out 198.51.100.1 <nil>",
 		"prompt <nil> /prompt unauthorized 198.51.100.1 <nil>",
+		"logout <nil> /logout ok 127.0.0.1 <nil>",
 		"key_reload <nil> <nil> ok <nil> <nil>",
 	}
 	if pr.PromptID == "" {
