@@ -68,18 +68,7 @@ func TestFleetThroughTheGateway(t *testing.T) {
 	ws.SetReadLimit(1 << 24)
 
 	// Wait for the hub's sockets to the servers, then queue two prompts.
-	waitFor(t, func() bool {
-		n := 0
-		for _, fk := range fakes {
-			for _, r := range fk.Requests() {
-				if r.WebSocket {
-					n++
-					break
-				}
-			}
-		}
-		return n == 2
-	})
+	waitFor(t, func() bool { return hubConnected(fakes) })
 	var ids []string
 	for range 2 {
 		res, body := do(t, "POST", g.URL+"/api/prompt", strings.NewReader(fmt.Sprintf(smallPrompt, "me")), key...)
@@ -210,6 +199,16 @@ func TestFleetUpstreamsFile(t *testing.T) {
 	if !strings.Contains(g.logs.String(), "upstreams file not applied") {
 		t.Error("a broken upstreams file was not logged")
 	}
+}
+
+// hubConnected reports whether every fake has a socket open (the hub's).
+func hubConnected(fakes []*comfytest.Fake) bool {
+	for _, fk := range fakes {
+		if len(fk.Sockets()) == 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func waitFor(t *testing.T, cond func() bool) {

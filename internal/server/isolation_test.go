@@ -97,18 +97,7 @@ func testIsolation(t *testing.T, n int) {
 		return c
 	}
 	aliceWS, bobWS := dial(aliceKey), dial(bobKey)
-	waitFor(t, func() bool {
-		for _, fk := range fakes {
-			seen := false
-			for _, r := range fk.Requests() {
-				seen = seen || r.WebSocket
-			}
-			if !seen {
-				return false
-			}
-		}
-		return true
-	})
+	waitFor(t, func() bool { return hubConnected(fakes) })
 
 	if s := upload(t, g, aliceKey, "alice.png"); s != 200 {
 		t.Fatalf("alice's upload: %d", s)
