@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"slices"
@@ -471,16 +472,12 @@ func mergeObjectInfo(as []answer) ([]byte, error) {
 	merged := map[string]json.RawMessage{}
 	var order []string
 	for _, a := range as {
-		var info map[string]json.RawMessage
-		if err := json.Unmarshal(a.body, &info); err != nil {
-			return nil, err
-		}
-		keys, err := objectKeys(a.body)
+		defs, err := objectFields(a.body)
 		if err != nil {
 			return nil, err
 		}
-		for _, class := range keys {
-			def := info[class]
+		for _, d := range defs {
+			class, def := d.key, d.value
 			have, ok := merged[class]
 			if !ok {
 				merged[class] = def
@@ -492,45 +489,133 @@ func mergeObjectInfo(as []answer) ([]byte, error) {
 			}
 		}
 	}
-	var buf bytes.Buffer
-	buf.WriteByte('{')
+	fs := make([]field, len(order))
 	for i, class := range order {
-		if i > 0 {
-			buf.WriteByte(',')
-		}
-		k, _ := json.Marshal(class)
-		buf.Write(k)
-		buf.WriteByte(':')
-		buf.Write(merged[class])
+		fs[i] = field{class, merged[class]}
 	}
-	buf.WriteByte('}')
-	return buf.Bytes(), nil
+	return writeFields(fs), nil
 }
 
-// unionCombos adds to definition a the combo choices of definition b.
+// unionCombos adds to definition a the combo choices of definition b. It
+// rewrites only the specs whose choices grow and keeps every object's keys
+// in the order a has them: the web UI (frontend 1.4) lays out a node's
+// widgets in the order of input.required, and a workflow's widget values
+// are matched to them by position.
 func unionCombos(a, b json.RawMessage) json.RawMessage {
-	var da, db map[string]any
-	if decode(a, &da) != nil || decode(b, &db) != nil {
+	var db struct {
+		Input map[string]map[string]any `json:"input"`
+	}
+	if decode(b, &db) != nil {
 		return a
 	}
-	ia, _ := da["input"].(map[string]any)
-	ib, _ := db["input"].(map[string]any)
-	for _, group := range []string{"required", "optional"} {
-		ga, _ := ia[group].(map[string]any)
-		gb, _ := ib[group].(map[string]any)
-		for name, sb := range gb {
-			sa, ok := ga[name]
-			if !ok {
-				continue
+	out, err := editField(a, "input", func(input json.RawMessage) (json.RawMessage, error) {
+		for _, group := range []string{"required", "optional"} {
+			var err error
+			input, err = editFields(input, group, func(name string, spec json.RawMessage) (json.RawMessage, error) {
+				sb, ok := db.Input[group][name]
+				if !ok {
+					return spec, nil
+				}
+				var sa any
+				if err := decode(spec, &sa); err != nil {
+					return nil, err
+				}
+				before, _ := json.Marshal(sa)
+				after, err := json.Marshal(unionSpec(sa, sb))
+				if err != nil || bytes.Equal(before, after) {
+					return spec, err
+				}
+				return after, nil
+			})
+			if err != nil {
+				return nil, err
 			}
-			ga[name] = unionSpec(sa, sb)
 		}
-	}
-	out, err := json.Marshal(da)
+		return input, nil
+	})
 	if err != nil {
 		return a
 	}
 	return out
+}
+
+// field is one member of a JSON object, in the order written.
+type field struct {
+	key   string
+	value json.RawMessage
+}
+
+// objectFields returns the members of a JSON object in the order written.
+func objectFields(b []byte) ([]field, error) {
+	d := json.NewDecoder(bytes.NewReader(b))
+	if t, err := d.Token(); err != nil || t != json.Delim('{') {
+		return nil, fmt.Errorf("not a JSON object")
+	}
+	var fs []field
+	for d.More() {
+		t, err := d.Token()
+		if err != nil {
+			return nil, err
+		}
+		k, _ := t.(string)
+		var v json.RawMessage
+		if err := d.Decode(&v); err != nil {
+			return nil, err
+		}
+		fs = append(fs, field{k, v})
+	}
+	return fs, nil
+}
+
+// writeFields writes members as a JSON object, in their order.
+func writeFields(fs []field) json.RawMessage {
+	var buf bytes.Buffer
+	buf.WriteByte('{')
+	for i, f := range fs {
+		if i > 0 {
+			buf.WriteByte(',')
+		}
+		k, _ := json.Marshal(f.key)
+		buf.Write(k)
+		buf.WriteByte(':')
+		buf.Write(f.value)
+	}
+	buf.WriteByte('}')
+	return buf.Bytes()
+}
+
+// editField replaces the value of member key of object b (if it has one)
+// with edit's result, keeping the order of b's members.
+func editField(b json.RawMessage, key string, edit func(json.RawMessage) (json.RawMessage, error)) (json.RawMessage, error) {
+	fs, err := objectFields(b)
+	if err != nil {
+		return nil, err
+	}
+	for i := range fs {
+		if fs[i].key == key {
+			if fs[i].value, err = edit(fs[i].value); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return writeFields(fs), nil
+}
+
+// editFields applies edit to every member of the object at member key of
+// b, keeping the order of both objects' members.
+func editFields(b json.RawMessage, key string, edit func(name string, v json.RawMessage) (json.RawMessage, error)) (json.RawMessage, error) {
+	return editField(b, key, func(obj json.RawMessage) (json.RawMessage, error) {
+		fs, err := objectFields(obj)
+		if err != nil {
+			return nil, err
+		}
+		for i := range fs {
+			if fs[i].value, err = edit(fs[i].key, fs[i].value); err != nil {
+				return nil, err
+			}
+		}
+		return writeFields(fs), nil
+	})
 }
 
 // unionSpec merges the choices of two specs of one combo input, in either

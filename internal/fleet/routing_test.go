@@ -188,3 +188,75 @@ func TestRoutingShortestQueue(t *testing.T) {
 		tf.waitDone(t, id)
 	}
 }
+
+// TestMergedObjectInfoKeepsOrder: when servers define a node differently
+// (other model files), the merged definition offers every server's
+// choices and keeps the inputs in the order ComfyUI writes them; the web
+// UI (frontend 1.4) lays out widgets in that order, so a reordered
+// definition put a workflow's seed into cfg.
+func TestMergedObjectInfoKeepsOrder(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{
+		{Models: map[string][]string{"loras": {"one.safetensors"}}},
+		{Models: map[string][]string{"loras": {"two.safetensors"}}},
+	})
+	status, b := tf.do(t, "GET", "/api/object_info", nil)
+	if status != http.StatusOK {
+		t.Fatalf("GET /object_info: %d", status)
+	}
+	var all map[string]json.RawMessage
+	if err := json.Unmarshal(b, &all); err != nil {
+		t.Fatal(err)
+	}
+	def := all["LoraLoader"]
+	var d struct {
+		Input struct {
+			Required map[string]json.RawMessage `json:"required"`
+		} `json:"input"`
+	}
+	json.Unmarshal(def, &d)
+	var spec []json.RawMessage
+	json.Unmarshal(d.Input.Required["lora_name"], &spec)
+	if len(spec) == 0 || !strings.Contains(string(spec[0]), "one.safetensors") || !strings.Contains(string(spec[0]), "two.safetensors") {
+		t.Errorf("merged lora_name choices %s; want both servers' files", d.Input.Required["lora_name"])
+	}
+	in, _ := objectFields(def)
+	var req json.RawMessage
+	for _, f := range in {
+		if f.key == "input" {
+			req = f.value
+		}
+	}
+	groups, _ := objectFields(req)
+	var keys []string
+	for _, g := range groups {
+		if g.key == "required" {
+			fs, _ := objectFields(g.value)
+			for _, f := range fs {
+				keys = append(keys, f.key)
+			}
+		}
+	}
+	if want := []string{"model", "clip", "lora_name", "strength_model", "strength_clip"}; !slices.Equal(keys, want) {
+		t.Errorf("merged LoraLoader inputs in order %v; want ComfyUI's %v", keys, want)
+	}
+	// The definition's own keys keep their order too.
+	var top []string
+	for _, f := range in {
+		top = append(top, f.key)
+	}
+	res, err := http.Get(tf.fakes[0].URL() + "/api/object_info/LoraLoader")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	var one map[string]json.RawMessage
+	json.NewDecoder(res.Body).Decode(&one)
+	single, _ := objectFields(one["LoraLoader"])
+	var want []string
+	for _, f := range single {
+		want = append(want, f.key)
+	}
+	if !slices.Equal(top, want) {
+		t.Errorf("merged LoraLoader keys %v; want %v", top, want)
+	}
+}
