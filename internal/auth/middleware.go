@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"context"
 	"net/http"
 	"net/netip"
 	"time"
@@ -26,14 +27,20 @@ func (s Static) KeySet() *KeySet { return s.Set }
 // Options tune the middleware.
 type Options struct {
 	// Lockout, if not nil, counts invalid credentials per client address and
-	// refuses locked-out clients with 429.
-	Lockout *ratelimit.Lockout
+	// refuses locked-out clients with 429. A lockout that cannot be asked
+	// (a shared store that is down) lets the request through: the key
+	// check still holds, and an outage of the store must not lock
+	// everyone out.
+	Lockout ratelimit.Lockout
 	// OnLockout, if set, is called when a client has just been locked out.
 	OnLockout func(r *http.Request, client netip.Addr, until time.Duration)
 	// Sessions, if not nil, turns on browser login: a request without a key
 	// may carry a session cookie, checked against cross-site use, and a
 	// browser that navigates to a page without one is sent to LoginPath.
-	Sessions  *session.Store
+	// A session that cannot be looked up (a shared store that is down)
+	// fails closed: 503, never access, and never a login page that could
+	// not open a session either.
+	Sessions  session.Store
 	LoginPath string
 }
 
@@ -45,6 +52,8 @@ const (
 	FailureLocked  = "locked_out"
 	// FailureCrossSite: a session cookie came with a request from another site.
 	FailureCrossSite = "cross_site"
+	// FailureSessionStore: the request's session could not be looked up.
+	FailureSessionStore = "session_unavailable"
 )
 
 // Middleware returns the authentication layer. With no keys configured it
@@ -67,25 +76,31 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				return
 			}
 			scope := reqscope.From(r.Context())
-			if left, locked := opts.Lockout.Locked(scope.Client); locked {
-				scope.AuthFailure = FailureLocked
-				TooManyRequests(w, left, "too many failed attempts from this address; try again later")
-				return
+			if opts.Lockout != nil {
+				if left, locked, err := opts.Lockout.Locked(r.Context(), scope.Client); err == nil && locked {
+					scope.AuthFailure = FailureLocked
+					TooManyRequests(w, left, "too many failed attempts from this address; try again later")
+					return
+				}
 			}
 			var credBuf [2]Credential
 			creds := AppendCredentials(credBuf[:0], r)
 			key, failure := check(ks, creds)
-			viaCookie := false
+			viaCookie, sessionDown := false, false
 			if len(creds) == 0 && opts.Sessions != nil {
-				if k, ok := sessionKey(ks, opts.Sessions, r); ok {
+				k, ok, err := sessionKey(r.Context(), ks, opts.Sessions, r)
+				switch {
+				case err != nil:
+					sessionDown = true
+				case ok:
 					key, failure, viaCookie = k, "", true
 				}
 			}
-			if failure == FailureInvalid {
+			if failure == FailureInvalid && opts.Lockout != nil {
 				// Counted on public routes too: otherwise the answer to a
 				// guess on "/" (page or login redirect) would be an oracle
 				// the lockout never sees.
-				if opts.Lockout.Fail(scope.Client) && opts.OnLockout != nil {
+				if locked, err := opts.Lockout.Fail(r.Context(), scope.Client); err == nil && locked && opts.OnLockout != nil {
 					opts.OnLockout(r, scope.Client, opts.Lockout.Window())
 				}
 			}
@@ -95,10 +110,20 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 				} else if opts.Sessions != nil && r.URL.Path == "/" && wantsLogin(r) {
 					// The UI page itself is public, but without a session
 					// every call it makes would fail: log in first.
+					if sessionDown {
+						scope.AuthFailure = FailureSessionStore
+						SessionStoreDown(w)
+						return
+					}
 					loginRedirect(w, r, opts.LoginPath)
 					return
 				}
 				next.ServeHTTP(w, r)
+				return
+			}
+			if sessionDown {
+				scope.AuthFailure = FailureSessionStore
+				SessionStoreDown(w)
 				return
 			}
 			if failure != "" {
@@ -144,21 +169,31 @@ func Middleware(keys Source, opts Options) func(http.Handler) http.Handler {
 
 // sessionKey returns the key behind the request's session cookie. A session
 // whose key is no longer configured ends here.
-func sessionKey(ks *KeySet, sessions *session.Store, r *http.Request) (Key, bool) {
+// An error means the session store could not be asked.
+func sessionKey(ctx context.Context, ks *KeySet, sessions session.Store, r *http.Request) (Key, bool, error) {
 	id := session.FromRequest(r)
 	if id == "" {
-		return Key{}, false
+		return Key{}, false, nil
 	}
-	sess, ok := sessions.Get(id)
-	if !ok {
-		return Key{}, false
+	sess, ok, err := sessions.Get(ctx, id)
+	if err != nil || !ok {
+		return Key{}, false, err
 	}
 	k, ok := ks.ByID(sess.KeyID)
 	if !ok {
-		sessions.Delete(id)
-		return Key{}, false
+		// Refused whether or not the store manages to forget it.
+		sessions.Delete(ctx, id)
+		return Key{}, false, nil
 	}
-	return k, true
+	return k, true, nil
+}
+
+// SessionStoreDown answers 503 for a request whose browser session could
+// not be looked up: the shared session store (Redis) is unreachable.
+func SessionStoreDown(w http.ResponseWriter) {
+	jsonerr.SetRetryAfter(w.Header(), 5*time.Second)
+	jsonerr.Write(w, http.StatusServiceUnavailable, "session_store_unavailable",
+		"browser sessions cannot be checked right now (the gateway's shared session store is unreachable); try again shortly, or send an API key")
 }
 
 // check validates every credential. When all are valid it returns the key

@@ -23,6 +23,7 @@ import (
 
 	"github.com/comfygate/comfygate/internal/auth"
 	"github.com/comfygate/comfygate/internal/clientip"
+	"github.com/comfygate/comfygate/internal/redisstate"
 )
 
 // EnvPrefix is the prefix of the environment variable that mirrors each flag:
@@ -76,6 +77,11 @@ type Config struct {
 	Login bool
 	// SessionTTL is how long a browser session lasts. Default 12h.
 	SessionTTL time.Duration
+	// Redis, when set (--redis), is the Redis that gateway replicas share:
+	// browser sessions, the lockout and the per-key limits live there
+	// instead of in memory. nil keeps everything in memory. Its String
+	// hides the password.
+	Redis *redisstate.URL
 	// MetricsListen is a host:port serving /metrics and the probes without
 	// a key. "" puts /metrics on the main listener, behind a key.
 	MetricsListen string
@@ -159,6 +165,7 @@ type raw struct {
 	metricsListen                   string
 	login                           bool
 	sessionTTL                      time.Duration
+	redis                           string
 	maxQueue                        int
 	metricsInterval                 time.Duration
 }
@@ -184,6 +191,7 @@ func newFlagSet(r *raw) *pflag.FlagSet {
 	fs.StringVar(&r.auditLog, "audit-log", "", "append the audit trail (JSON lines) to this file instead of stderr")
 	fs.BoolVar(&r.login, "login", true, "serve a login page at /login so browsers (the ComfyUI web UI) can sign in with a key and use a session cookie")
 	fs.DurationVar(&r.sessionTTL, "session-ttl", 12*time.Hour, "how long a browser session lasts")
+	fs.StringVar(&r.redis, "redis", "", "redis://[:password@]host[:port][/db] (rediss:// for TLS) shared by several comfygate replicas: sessions, lockout and limits live there (default: in memory)")
 	fs.StringVar(&r.metricsListen, "metrics-listen", "", "host:port for /metrics and the probes without a key (default: /metrics on the main port, behind a key)")
 	fs.IntVar(&r.maxQueue, "max-queue", 0, "/health/ready fails while ComfyUI's queue holds this many prompts or more (0: no limit)")
 	fs.DurationVar(&r.metricsInterval, "metrics-interval", 5*time.Second, "how often ComfyUI's queue and VRAM are checked in the background")
@@ -608,6 +616,19 @@ func load(args []string, lookupEnv func(string) (string, bool), envNames []strin
 	}
 	if r.maxQueue < 0 {
 		add("max-queue", "must not be negative, got %d", r.maxQueue)
+	}
+	if fs.Changed("redis") || fromEnv["redis"] {
+		switch u, err := redisstate.ParseURL(r.redis); {
+		case strings.TrimSpace(r.redis) == "":
+			add("redis", "is empty: give redis://host:6379 (or unset it to keep state in memory)")
+		case err != nil:
+			add("redis", "%v", err)
+		default:
+			c.Redis = u
+			if fs.Changed("redis") && u.HasPassword() {
+				c.Warnings = append(c.Warnings, "--redis on the command line shows its password to other users of this machine (ps, /proc); prefer COMFYGATE_REDIS")
+			}
+		}
 	}
 	if r.metricsInterval < 100*time.Millisecond {
 		add("metrics-interval", "must be at least 100ms, got %s", r.metricsInterval)

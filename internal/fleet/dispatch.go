@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/comfygate/comfygate/internal/hub"
+	"github.com/comfygate/comfygate/internal/jsonerr"
 	"github.com/comfygate/comfygate/internal/reqscope"
 	"github.com/comfygate/comfygate/internal/upstream"
 )
@@ -139,8 +140,10 @@ type placement struct {
 	order int
 }
 
-// choose orders the servers that can run graph, best first: an idle one,
-// then one with the prompt's models loaded, then the shortest queue. It
+// choose orders the servers that can run graph, best first: an idle one
+// (with the prompt's models loaded first), then the shortest queue,
+// counting a server with the prompt's models loaded as one prompt
+// shorter. It
 // returns what the closest server lacks when none can run it.
 func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string) ([]*member, *missing) {
 	var (
@@ -170,10 +173,7 @@ func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string)
 		m.mu.Lock()
 		warm := len(mods) > 0 && slices.Equal(m.lastModels, mods)
 		m.mu.Unlock()
-		// A server whose messages the hub would not hear (its socket is
-		// not open yet, or is being redialled) is a last resort too.
-		heard := f.opts.Hub == nil || f.opts.Hub.Connected(m.u.Name)
-		cands = append(cands, placement{m: m, known: x != nil && heard, idle: q == 0, warm: warm, queue: q, order: i})
+		cands = append(cands, placement{m: m, known: x != nil, idle: q == 0, warm: warm, queue: q, order: i})
 	}
 	sort.SliceStable(cands, func(i, j int) bool {
 		a, b := cands[i], cands[j]
@@ -186,11 +186,21 @@ func (f *Fleet) choose(graph map[string]graphNode, mods []string, except string)
 		if a.idle != b.idle {
 			return a.idle
 		}
+		// Among busy servers a warm one is worth one queued prompt (the
+		// model load it saves), not more: a popular model must not pile
+		// up on one server while others wait.
+		qa, qb := a.queue, b.queue
+		if !a.warm {
+			qa++
+		}
+		if !b.warm {
+			qb++
+		}
+		if qa != qb {
+			return qa < qb
+		}
 		if a.warm != b.warm {
 			return a.warm
-		}
-		if a.queue != b.queue {
-			return a.queue < b.queue
 		}
 		return a.order < b.order
 	})
@@ -235,7 +245,17 @@ func (f *Fleet) dispatch(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, comfyError("invalid_prompt_id", err.Error(), "", nil))
 		return
 	}
-	if _, known, _ := f.store.Get(r.Context(), id); known {
+	_, known, err := f.store.Get(r.Context(), id)
+	if err != nil {
+		// Without its records the fleet could not find the prompt again
+		// (its id, its socket messages, failover): queue nothing.
+		f.log.Error("fleet: the prompt records cannot be read; refusing the prompt", "err", err)
+		jsonerr.SetRetryAfter(w.Header(), 5*time.Second)
+		jsonerr.Write(w, http.StatusServiceUnavailable, "state_store_unavailable",
+			"the gateway cannot reach its shared state (Redis); the prompt was not queued, try again shortly")
+		return
+	}
+	if known {
 		writeJSON(w, http.StatusBadRequest, comfyError("invalid_prompt_id", "prompt_id "+id+" is already used", "", nil))
 		return
 	}
@@ -255,7 +275,15 @@ func (f *Fleet) dispatch(w http.ResponseWriter, r *http.Request) {
 		ID: id, ClientID: clientID, Owner: owner(r), Body: sendBody, Models: mods,
 		Created: time.Now(),
 	}
+	// Choosing and counting the prompt on the chosen server are one step:
+	// prompts posted at the same moment do not all see the same server
+	// idle.
+	f.chooseMu.Lock()
 	ms, closest := f.choose(graph, mods, "")
+	if len(ms) > 0 {
+		ms[0].reserve(mods)
+	}
+	f.chooseMu.Unlock()
 	if len(ms) == 0 {
 		if closest != nil {
 			writeJSON(w, http.StatusBadRequest, cannotRun(closest))
@@ -264,9 +292,13 @@ func (f *Fleet) dispatch(w http.ResponseWriter, r *http.Request) {
 		f.proxy.Fail(w, r, "", upstream.ErrNoUpstream)
 		return
 	}
-	for _, m := range ms {
+	for i, m := range ms {
+		if i > 0 {
+			m.reserve(mods)
+		}
 		a := f.send(r.Context(), r, m, http.MethodPost, "/api/prompt", sendBody)
 		if a.err != nil {
+			m.unreserve()
 			if upstream.IsDialError(a.err) {
 				continue // nothing was sent: the next server may take it
 			}
@@ -275,21 +307,23 @@ func (f *Fleet) dispatch(w http.ResponseWriter, r *http.Request) {
 		}
 		reqscope.From(r.Context()).Upstream = m.u.Name
 		if a.status != http.StatusOK {
+			m.unreserve()
 			relay(w, a) // ComfyUI's own verdict: node_errors and all
 			return
 		}
 		var res map[string]json.RawMessage
 		var sid string
 		if json.Unmarshal(a.body, &res) != nil || json.Unmarshal(res["prompt_id"], &sid) != nil || sid == "" {
+			m.unreserve()
 			relay(w, a)
 			return
 		}
+		m.placed()
 		p.Server, p.ServerID, p.Placed = m.u.Name, sid, time.Now()
 		if err := f.store.Put(r.Context(), p); err != nil {
 			f.log.Error("fleet: cannot record a prompt; it runs, but its id may not be found", "prompt_id", id, "err", err)
 		}
-		f.placed(m)
-		f.queued(m, mods)
+		f.recorded(m)
 		if f.opts.Events.Dispatched != nil {
 			f.opts.Events.Dispatched(m.u.Name)
 		}
@@ -300,19 +334,11 @@ func (f *Fleet) dispatch(w http.ResponseWriter, r *http.Request) {
 	f.proxy.Fail(w, r, "", upstream.ErrNoUpstream)
 }
 
-// placed tells the hub a prompt was recorded on m.
-func (f *Fleet) placed(m *member) {
+// recorded tells the hub a prompt was recorded on m.
+func (f *Fleet) recorded(m *member) {
 	if f.opts.Hub != nil {
 		f.opts.Hub.Placed(m.u.Name)
 	}
-}
-
-// queued notes a prompt queued on m.
-func (f *Fleet) queued(m *member, mods []string) {
-	m.mu.Lock()
-	m.sent++
-	m.lastModels = mods
-	m.mu.Unlock()
 }
 
 // passOn sends a body the fleet could not read to the first healthy
@@ -345,6 +371,14 @@ func (f *Fleet) move(ctx context.Context, p Prompt, except, why string, event fu
 	if p.Body == nil || json.Unmarshal(p.Body, &body) != nil || json.Unmarshal(body["prompt"], &graph) != nil {
 		return false
 	}
+	if f.opts.ClientID != "" {
+		// The prompt may have been queued through another replica: its
+		// messages now come to this one's hub.
+		body["client_id"], _ = json.Marshal(f.opts.ClientID)
+		if b, err := json.Marshal(body); err == nil {
+			p.Body = b
+		}
+	}
 	ms, _ := f.choose(graph, p.Models, except)
 	// A server that may still hold an old copy goes last; if it is chosen,
 	// the old copy is deleted first (on servers that take the client's id,
@@ -368,23 +402,22 @@ func (f *Fleet) move(ctx context.Context, p Prompt, except, why string, event fu
 			f.send(ctx, nil, m, http.MethodPost, "/api/queue", del)
 			p.Stale = slices.DeleteFunc(p.Stale, func(pl Placement) bool { return pl.Server == m.u.Name })
 		}
+		m.reserve(p.Models)
 		a := f.send(ctx, nil, m, http.MethodPost, "/api/prompt", p.Body)
-		if a.err != nil || a.status != http.StatusOK {
-			continue
-		}
 		var res struct {
 			PromptID string `json:"prompt_id"`
 		}
-		if json.Unmarshal(a.body, &res) != nil || res.PromptID == "" {
+		if a.err != nil || a.status != http.StatusOK || json.Unmarshal(a.body, &res) != nil || res.PromptID == "" {
+			m.unreserve()
 			continue
 		}
+		m.placed()
 		from := p.Server
 		p.Stale = append(p.Stale, Placement{p.Server, p.ServerID})
 		p.Server, p.ServerID, p.Placed = m.u.Name, res.PromptID, time.Now()
 		p.Moves++
 		f.store.Put(ctx, p)
-		f.placed(m)
-		f.queued(m, p.Models)
+		f.recorded(m)
 		f.log.Warn("fleet: prompt queued again on another server", "prompt_id", p.ID, "from", from, "to", m.u.Name, "why", why)
 		if event != nil {
 			event(from, m.u.Name)

@@ -39,10 +39,16 @@ import (
 type Options struct {
 	// Store keeps prompt records; nil keeps them in memory.
 	Store Store
+	// Leases, shared by gateway replicas (--redis), elect the one replica
+	// that acts on the fleet's records: queues a dead server's prompts
+	// again, moves waiting prompts to idle servers, removes stale copies.
+	// Every replica polls and dispatches. Nil: this gateway is alone and
+	// always acts.
+	Leases Leases
 	// PollInterval is how often every server's /queue and /system_stats
 	// are read. Default 2s.
 	PollInterval time.Duration
-	// PollTimeout bounds one poll. Default: PollInterval.
+	// PollTimeout bounds one poll. Default: PollInterval, at least 2s.
 	PollTimeout time.Duration
 	// InfoInterval is how often /object_info is read again. Default 5m.
 	InfoInterval time.Duration
@@ -91,6 +97,9 @@ type ServerStatus struct {
 	Pending, Running int
 	// Version is the server's comfyui_version.
 	Version string
+	// Nodes counts the node classes read from its /object_info (0 before
+	// the first read).
+	Nodes int
 	// SystemStats is its last /system_stats answer (nil before one).
 	SystemStats json.RawMessage
 }
@@ -105,6 +114,9 @@ func (f *Fleet) Status() []ServerStatus {
 			Pending: len(m.pending), Running: len(m.running),
 			Version: m.version, SystemStats: m.stats,
 		})
+		if m.caps != nil {
+			out[len(out)-1].Nodes = len(m.caps.classes)
+		}
 		m.mu.Unlock()
 	}
 	return out
@@ -124,6 +136,13 @@ type Fleet struct {
 
 	// tickMu makes a tick (polls, failover, stealing) run alone.
 	tickMu sync.Mutex
+	// lease is the leader lease while this replica holds it (under tickMu).
+	lease Lease
+	// chooseMu makes choosing a server and counting a prompt on it one
+	// step.
+	chooseMu sync.Mutex
+	// kick asks Run for a tick now (a server finished a prompt).
+	kick chan struct{}
 }
 
 // New returns a Fleet over the servers of pool, reached through p.
@@ -135,7 +154,7 @@ func New(pool *upstream.Pool, p *proxy.Proxy, opts Options) *Fleet {
 		opts.PollInterval = 2 * time.Second
 	}
 	if opts.PollTimeout <= 0 {
-		opts.PollTimeout = opts.PollInterval
+		opts.PollTimeout = max(opts.PollInterval, 2*time.Second)
 	}
 	if opts.InfoInterval <= 0 {
 		opts.InfoInterval = 5 * time.Minute
@@ -147,7 +166,7 @@ func New(pool *upstream.Pool, p *proxy.Proxy, opts Options) *Fleet {
 		opts.Logger = slog.Default()
 	}
 	return &Fleet{pool: pool, proxy: p, store: opts.Store, opts: opts, log: opts.Logger,
-		members: map[*upstream.Upstream]*member{}}
+		members: map[*upstream.Upstream]*member{}, kick: make(chan struct{}, 1)}
 }
 
 // member returns the state of server u.
@@ -205,9 +224,24 @@ func (f *Fleet) Run(ctx context.Context, ready chan<- struct{}) {
 	for {
 		select {
 		case <-ctx.Done():
+			f.tickMu.Lock()
+			if f.lease != nil {
+				// Another replica may act at once, not when the lease
+				// runs out.
+				rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+				f.lease.Release(rctx)
+				cancel()
+				f.lease = nil
+			}
+			f.tickMu.Unlock()
 			return
 		case <-t.C:
 			f.Tick(ctx)
+		case <-f.kick:
+			// A server finished a prompt: it may be idle with prompts
+			// waiting elsewhere (stealing), and its record is done.
+			f.Tick(ctx)
+			t.Reset(f.opts.PollInterval)
 		}
 	}
 }
@@ -449,6 +483,20 @@ func (f *Fleet) Route(server string, msg map[string]any) (clientID, owner string
 	if out, ok := d["output"]; ok {
 		f.indexOutputs(ctx, server, out, p.Owner)
 		markFiles(out, server)
+	}
+	if typ, _ := msg["type"].(string); typ == "executing" && d["node"] == nil && !p.Done && p.Server == server && p.ServerID == sid {
+		// The end signal: done now, not at the next poll, so that a
+		// server that dies right after is not thought to have died with
+		// it (and the prompt is not run twice).
+		p.Done, p.Body, p.Finished = true, nil, time.Now()
+		f.store.Put(ctx, p)
+		if m, ok := f.byName(server); ok {
+			m.ended(sid)
+		}
+		select {
+		case f.kick <- struct{}{}:
+		default:
+		}
 	}
 	return p.ClientID, p.Owner
 }

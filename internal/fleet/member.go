@@ -27,8 +27,12 @@ type member struct {
 	// as of polled.
 	running, pending []string
 	polled           time.Time
-	// sent counts prompts the gateway queued there since the last poll.
-	sent int
+	// reserved counts prompts being queued there (their POST has not
+	// returned); placedAt holds when each prompt queued there since the
+	// last poll's queue read began was queued (the poll does not show
+	// them).
+	reserved int
+	placedAt []time.Time
 	// lastModels are the model files of the last prompt queued there.
 	lastModels []string
 	// uploads are input files uploaded there through the gateway since
@@ -52,7 +56,50 @@ func newMember(u *upstream.Upstream) *member {
 func (m *member) queueLen() int {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return len(m.running) + len(m.pending) + m.sent
+	return len(m.running) + len(m.pending) + m.reserved + len(m.placedAt)
+}
+
+// reserve counts a prompt about to be queued on m, with its model files.
+func (m *member) reserve(mods []string) {
+	m.mu.Lock()
+	m.reserved++
+	m.lastModels = mods
+	m.mu.Unlock()
+}
+
+// unreserve takes back a reserve whose prompt was not queued.
+func (m *member) unreserve() {
+	m.mu.Lock()
+	m.reserved = max(m.reserved-1, 0)
+	m.mu.Unlock()
+}
+
+// placed turns a reserve into a prompt queued on m now.
+func (m *member) placed() {
+	m.mu.Lock()
+	m.reserved = max(m.reserved-1, 0)
+	m.placedAt = append(m.placedAt, time.Now())
+	m.mu.Unlock()
+}
+
+// polledQueue records m's queue as read by a request sent at start: the
+// prompts queued before start are in it (or done).
+func (m *member) polledQueue(running, pending []string, start time.Time) {
+	m.running, m.pending = running, pending
+	m.placedAt = slices.DeleteFunc(m.placedAt, func(t time.Time) bool { return t.Before(start) })
+}
+
+// ended notes that sid ended on m (its end signal), before the next poll
+// shows it.
+func (m *member) ended(sid string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	n := len(m.running) + len(m.pending)
+	m.running = slices.DeleteFunc(m.running, func(s string) bool { return s == sid })
+	m.pending = slices.DeleteFunc(m.pending, func(s string) bool { return s == sid })
+	if len(m.running)+len(m.pending) == n && len(m.placedAt) > 0 {
+		m.placedAt = m.placedAt[1:] // queued after the last poll
+	}
 }
 
 // usable reports whether the server may take new prompts.

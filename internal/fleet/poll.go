@@ -42,6 +42,7 @@ func (f *Fleet) Tick(ctx context.Context) {
 		f.log.Warn("fleet: cannot read prompt records", "err", err)
 		return
 	}
+	acting := f.lead(ctx)
 	for _, m := range ms {
 		up := m.u.Healthy()
 		m.mu.Lock()
@@ -51,7 +52,7 @@ func (f *Fleet) Tick(ctx context.Context) {
 		if changed && up {
 			f.log.Info("ComfyUI server is up", "upstream", m.u.Name)
 		}
-		if up {
+		if up && acting {
 			// Copies left on it while it was away (even a blip no tick
 			// saw): remove them.
 			f.cleanStale(ctx, m, active)
@@ -60,8 +61,10 @@ func (f *Fleet) Tick(ctx context.Context) {
 			f.log.Warn("ComfyUI server is down", "upstream", m.u.Name)
 		}
 	}
-	f.reconcile(ctx, ms, active, start)
-	f.steal(ctx, ms)
+	if acting {
+		f.reconcile(ctx, ms, active, start)
+		f.steal(ctx, ms)
+	}
 	f.dropDrained(ctx, ms)
 	if f.opts.Hub != nil {
 		f.opts.Hub.Sync(ctx, f.pool.All())
@@ -77,6 +80,7 @@ func (f *Fleet) Tick(ctx context.Context) {
 func (f *Fleet) poll(ctx context.Context, m *member) {
 	pctx, cancel := context.WithTimeout(ctx, f.opts.PollTimeout)
 	defer cancel()
+	start := time.Now()
 	q := f.send(pctx, nil, m, http.MethodGet, "/api/queue", nil)
 	var queue struct {
 		Running [][]json.RawMessage `json:"queue_running"`
@@ -106,8 +110,7 @@ func (f *Fleet) poll(ctx context.Context, m *member) {
 	st := f.send(pctx, nil, m, http.MethodGet, "/api/system_stats", nil)
 	m.mu.Lock()
 	m.fails = 0
-	m.running, m.pending = ids(queue.Running), ids(queue.Pending)
-	m.sent = 0
+	m.polledQueue(ids(queue.Running), ids(queue.Pending), start)
 	m.polled = time.Now()
 	if st.err == nil && st.status == http.StatusOK {
 		m.stats = st.body
@@ -201,9 +204,63 @@ func (f *Fleet) reconcile(ctx context.Context, ms []*member, active []Prompt, po
 				f.store.Put(ctx, p)
 				continue
 			}
+			// Neither queued at the poll nor finished. The poll may have
+			// begun before another replica queued it (whose clock said
+			// otherwise): only a queue read now, after its record was
+			// read, can say it is lost.
+			if queued, ok := f.queuedNow(ctx, m, p.ServerID); queued || !ok {
+				continue
+			}
+			if a := f.send(ctx, nil, m, http.MethodGet, "/api/history/"+p.ServerID, nil); a.err != nil || a.status != http.StatusOK ||
+				decode(a.body, &h) != nil || h[p.ServerID] != nil {
+				continue // finished meanwhile: the next tick notes it
+			}
 			f.resubmit(ctx, p, "its server no longer has it (restarted)")
 		}
 	}
+}
+
+// queuedNow reads m's queue and reports whether sid is in it; ok is false
+// when the queue could not be read.
+func (f *Fleet) queuedNow(ctx context.Context, m *member, sid string) (queued, ok bool) {
+	a := f.send(ctx, nil, m, http.MethodGet, "/api/queue", nil)
+	var queue struct {
+		Running [][]json.RawMessage `json:"queue_running"`
+		Pending [][]json.RawMessage `json:"queue_pending"`
+	}
+	if a.err != nil || a.status != http.StatusOK || json.Unmarshal(a.body, &queue) != nil {
+		return false, false
+	}
+	return queueHas(queue.Running, sid) || queueHas(queue.Pending, sid), true
+}
+
+// leaderLease names the lease of the replica that acts on the records.
+const leaderLease = "fleet-leader"
+
+// lead reports whether this gateway acts on the fleet's records this
+// tick: always when it is alone; with shared leases, while it holds the
+// leader lease (taken when free, renewed every tick, lost when Redis
+// cannot say: then nobody acts rather than two).
+func (f *Fleet) lead(ctx context.Context) bool {
+	if f.opts.Leases == nil {
+		return true
+	}
+	ttl := max(4*f.opts.PollInterval, 5*time.Second)
+	if f.lease != nil {
+		ok, err := f.lease.Renew(ctx, ttl)
+		if err == nil && ok {
+			return true
+		}
+		f.log.Warn("fleet: this replica is no longer the one acting on prompt records", "err", err)
+		f.lease = nil
+	}
+	l, ok, err := f.opts.Leases.Acquire(ctx, leaderLease, ttl)
+	if err != nil || !ok {
+		return false
+	}
+	f.log.Info("fleet: this replica now acts on prompt records (requeues, moves, cleanup)")
+	f.lease = l
+	return true
 }
 
 // cleanStale removes from a server that came back the copies of prompts

@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"slices"
 	"strings"
@@ -258,5 +259,68 @@ func TestMergedObjectInfoKeepsOrder(t *testing.T) {
 	}
 	if !slices.Equal(top, want) {
 		t.Errorf("merged LoraLoader keys %v; want %v", top, want)
+	}
+}
+
+// TestRoutingConcurrentPosts: prompts posted at the same moment spread
+// over the idle servers (choosing a server and counting the prompt on it
+// are one step), rather than all seeing the same server idle.
+func TestRoutingConcurrentPosts(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}, {}, {}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(200 * time.Millisecond)
+		fk.SetDelay("/prompt", 100*time.Millisecond) // a slow POST widens the window
+	}
+	ids := make(chan string, 4)
+	for i := range 4 {
+		go func() { ids <- tf.queue(t, workflow(fmt.Sprint("c", i))) }()
+	}
+	servers := map[string]bool{}
+	for range 4 {
+		servers[tf.serverOf(t, <-ids)] = true
+	}
+	if len(servers) != 4 {
+		t.Errorf("4 prompts posted at once went to %d servers; want one per idle server", len(servers))
+	}
+}
+
+// TestRoutingWarmIsWorthOnePrompt: among busy servers, one with the
+// prompt's checkpoint loaded wins a tie but not a queue two prompts
+// longer.
+func TestRoutingWarmIsWorthOnePrompt(t *testing.T) {
+	models := map[string][]string{"checkpoints": {"a.safetensors", "b.safetensors"}}
+	tf := newTestFleet(t, []comfytest.Options{{Models: models}, {Models: models}})
+	for _, fk := range tf.fakes {
+		fk.SetNodeDelay(500 * time.Millisecond)
+	}
+	// gpu1 runs a and has two more a waiting; gpu2 runs b.
+	for _, ckpt := range []string{"a.safetensors", "b.safetensors", "a.safetensors", "a.safetensors"} {
+		tf.queue(t, txt2img(ckpt, 1))
+	}
+	// Another a: gpu1 is warm but three deep; gpu2 is one deep.
+	if got := tf.serverOf(t, tf.queue(t, txt2img("a.safetensors", 1))); got != "gpu2" {
+		t.Errorf("went to %s; a warm server three deep should lose to a cold one with one", got)
+	}
+	// Now gpu1 (3, warm for a) and gpu2 (2, warm for a): a goes to gpu2.
+	if got := tf.serverOf(t, tf.queue(t, txt2img("a.safetensors", 1))); got != "gpu2" {
+		t.Errorf("went to %s; want the shorter queue among warm servers", got)
+	}
+}
+
+// TestEndSignalFreesServer: a server whose prompt ended (its end signal
+// on the hub's socket) is idle for routing at once, not at the next
+// poll.
+func TestEndSignalFreesServer(t *testing.T) {
+	tf := newTestFleet(t, []comfytest.Options{{}, {}})
+	ws := tf.dialWS(t, "tester")
+	first := tf.queue(t, workflow("first"))
+	untilEnd(t, ws, first)
+	// No poll since: without the end signal gpu1 would still count the
+	// first prompt, and gpu2 (idle) would get the next.
+	if got := tf.serverOf(t, tf.queue(t, workflow("second"))); got != tf.serverOf(t, first) {
+		t.Errorf("the second prompt went to %s; the first's server was idle again", got)
+	}
+	if p, _, _ := tf.store.Get(context.Background(), first); !p.Done {
+		t.Error("the first prompt is not done after its end signal")
 	}
 }

@@ -14,6 +14,10 @@ type UpstreamStatus struct {
 	Draining         bool
 	Pending, Running int
 	Version          string
+	// Nodes counts the node classes the fleet read from the server's
+	// /object_info (0 before the first read: it gets prompts only when
+	// no other server can take them).
+	Nodes int
 	// SystemStats is the server's last /system_stats answer.
 	SystemStats json.RawMessage
 }
@@ -26,6 +30,7 @@ type UpstreamReport struct {
 	Device  string `json:"device,omitempty"`
 	VRAM    *VRAM  `json:"vram,omitempty"`
 	Version string `json:"version,omitempty"`
+	Nodes   int    `json:"nodes"`
 }
 
 // FleetReport is /health in fleet mode: the seed's shape for the fleet as
@@ -63,6 +68,7 @@ func (f *Fleet) Report() *FleetReport {
 				ur.Status = "draining"
 			}
 			ur.Queue = &Queue{Pending: s.Pending, Running: s.Running}
+			ur.Nodes = s.Nodes
 			q.Pending += s.Pending
 			q.Running += s.Running
 			ur.Version = s.Version

@@ -56,6 +56,9 @@ type Options struct {
 	// Default 64. A client that falls that far behind loses previews
 	// first, then its socket (closed with 1008).
 	ClientQueue int
+	// Relay, if set, carries messages to and from the hubs of other
+	// gateway replicas (see Run).
+	Relay Relay
 	// WriteTimeout bounds one write to a client. Default 10s.
 	WriteTimeout time.Duration
 	// Logger; nil: slog.Default().
@@ -147,9 +150,16 @@ func (c *client) close(code websocket.StatusCode, reason string) {
 func (h *Hub) remove(c *client) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	delete(h.clients[c.id], c)
-	if len(h.clients[c.id]) == 0 {
+	set, ok := h.clients[c.id]
+	if !ok || !set[c] {
+		return
+	}
+	delete(set, c)
+	if len(set) == 0 {
 		delete(h.clients, c.id)
+	}
+	if h.opts.Relay != nil {
+		h.opts.Relay.Unsubscribe(c.id)
 	}
 }
 
@@ -189,6 +199,11 @@ func (h *Hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		"sid":    id,
 	}})
 	c.queue <- outMsg{typ: websocket.MessageText, data: greeting}
+	if h.opts.Relay != nil {
+		// Before the socket counts as open: a prompt queued through
+		// another replica right after must not be missed.
+		h.opts.Relay.Subscribe(id)
+	}
 	h.mu.Lock()
 	if h.clients[id] == nil {
 		h.clients[id] = map[*client]bool{}
@@ -253,11 +268,31 @@ func Owner(id [32]byte) string {
 }
 
 // deliver sends a message to every socket of client id (under isolation,
-// of the prompt's owner only).
+// of the prompt's owner only), here and, through the relay, on the other
+// replicas.
 func (h *Hub) deliver(id, owner string, m outMsg) {
 	if id == "" {
 		return
 	}
+	if h.opts.Relay != nil {
+		h.opts.Relay.Publish(id, owner, m.message())
+	}
+	h.deliverHere(id, owner, m)
+}
+
+// Run carries messages to and from the other replicas' hubs through the
+// relay until ctx ends; without a relay it returns at once.
+func (h *Hub) Run(ctx context.Context) {
+	if h.opts.Relay == nil {
+		return
+	}
+	h.opts.Relay.Run(ctx, func(id, owner string, m Message) {
+		h.deliverHere(id, owner, fromMessage(m))
+	})
+}
+
+// deliverHere sends a message to this replica's sockets of client id.
+func (h *Hub) deliverHere(id, owner string, m outMsg) {
 	h.mu.Lock()
 	cs := make([]*client, 0, len(h.clients[id]))
 	for c := range h.clients[id] {
@@ -311,8 +346,6 @@ type serverConn struct {
 	current, currentOwner string
 	// queue is the server's queue_remaining from its last status.
 	queue int
-	// up is set while the socket to the server is open.
-	up bool
 	// added is when the hub started keeping a socket to the server.
 	added time.Time
 
@@ -389,19 +422,6 @@ func (h *Hub) Open() int {
 	return n
 }
 
-// Connected reports whether the hub's socket to server is open: a prompt
-// queued there now has its messages delivered.
-func (h *Hub) Connected(server string) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	for u, sc := range h.servers {
-		if u.Name == server {
-			return sc.up
-		}
-	}
-	return false
-}
-
 // Close ends every client socket with 1001 (going away).
 func (h *Hub) Close() {
 	h.mu.Lock()
@@ -459,14 +479,6 @@ func (h *Hub) serveServer(ctx context.Context, sc *serverConn, down time.Time) e
 		return err
 	}
 	defer conn.CloseNow()
-	h.mu.Lock()
-	sc.up = true
-	h.mu.Unlock()
-	defer func() {
-		h.mu.Lock()
-		sc.up = false
-		h.mu.Unlock()
-	}()
 	conn.SetReadLimit(64 << 20) // previews and SaveImageWebsocket images
 	// Ask for the server's feature flags (newer servers answer), without
 	// announcing preview metadata: previews stay the classic frames every

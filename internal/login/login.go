@@ -5,6 +5,7 @@ package login
 
 import (
 	_ "embed"
+	"errors"
 	"html/template"
 	"net/http"
 	"net/netip"
@@ -34,12 +35,16 @@ var page = template.Must(template.New("login").Parse(pageHTML))
 type Handler struct {
 	// Keys are the keys a person may log in with.
 	Keys auth.Source
-	// Sessions stores the sessions.
-	Sessions *session.Store
-	// Attempts limits login attempts per client address (nil: no limit).
-	Attempts *ratelimit.Limiter
-	// Lockout counts failed logins with every other failed key attempt.
-	Lockout *ratelimit.Lockout
+	// Sessions stores the sessions. When it cannot be reached (a shared
+	// store that is down), sign-in and sign-out answer 503 and change
+	// nothing.
+	Sessions session.Store
+	// Attempts limits login attempts per client address (nil: no limit;
+	// one that cannot be asked allows).
+	Attempts ratelimit.Limiter
+	// Lockout counts failed logins with every other failed key attempt
+	// (nil: none; one that cannot be asked allows).
+	Lockout ratelimit.Lockout
 	// OnLockout is called when a failed login locks a client out.
 	OnLockout func(r *http.Request, client netip.Addr, d time.Duration)
 	// Secure reports whether the client reached the gateway over HTTPS,
@@ -82,39 +87,52 @@ func (h *Handler) login(w http.ResponseWriter, r *http.Request) {
 		h.render(w, http.StatusForbidden, data)
 		return
 	}
-	if left, locked := h.Lockout.Locked(scope.Client); locked {
-		scope.AuthFailure = auth.FailureLocked
-		jsonerr.SetRetryAfter(w.Header(), left)
-		data.Error = "Too many failed attempts from your address. Try again in " + left.Round(time.Minute).String() + "."
-		h.render(w, http.StatusTooManyRequests, data)
-		return
+	if h.Lockout != nil {
+		if left, locked, err := h.Lockout.Locked(r.Context(), scope.Client); err == nil && locked {
+			scope.AuthFailure = auth.FailureLocked
+			jsonerr.SetRetryAfter(w.Header(), left)
+			data.Error = "Too many failed attempts from your address. Try again in " + left.Round(time.Minute).String() + "."
+			h.render(w, http.StatusTooManyRequests, data)
+			return
+		}
 	}
-	if ok, wait := h.Attempts.Allow(scope.Client.String()); !ok {
-		scope.AuthFailure = "rate_limited"
-		jsonerr.SetRetryAfter(w.Header(), wait)
-		data.Error = "Too many sign-in attempts. Wait a minute and try again."
-		h.render(w, http.StatusTooManyRequests, data)
-		return
+	if h.Attempts != nil {
+		if ok, wait, err := h.Attempts.Allow(r.Context(), scope.Client.String()); err == nil && !ok {
+			scope.AuthFailure = "rate_limited"
+			jsonerr.SetRetryAfter(w.Header(), wait)
+			data.Error = "Too many sign-in attempts. Wait a minute and try again."
+			h.render(w, http.StatusTooManyRequests, data)
+			return
+		}
 	}
 	key, ok := h.Keys.KeySet().Lookup(strings.TrimSpace(r.PostFormValue("key")))
 	if !ok {
 		scope.AuthFailure = auth.FailureInvalid
-		if h.Lockout.Fail(scope.Client) && h.OnLockout != nil {
-			h.OnLockout(r, scope.Client, h.Lockout.Window())
+		if h.Lockout != nil {
+			if locked, err := h.Lockout.Fail(r.Context(), scope.Client); err == nil && locked && h.OnLockout != nil {
+				h.OnLockout(r, scope.Client, h.Lockout.Window())
+			}
 		}
 		// The same words whatever was wrong: nothing hints at a near miss.
 		data.Error = "That key is not valid."
 		h.render(w, http.StatusUnauthorized, data)
 		return
 	}
-	id := h.Sessions.Create(key.ID(), key.Name)
-	if id == "" {
+	id, err := h.Sessions.Create(r.Context(), key.ID(), key.Name)
+	if errors.Is(err, session.ErrFull) {
 		data.Error = "The server has too many open sessions. Try again later."
 		h.render(w, http.StatusServiceUnavailable, data)
 		return
 	}
+	if err != nil {
+		scope.AuthFailure = auth.FailureSessionStore
+		jsonerr.SetRetryAfter(w.Header(), 5*time.Second)
+		data.Error = "Signing in is not possible right now: the gateway cannot reach its session store. Try again shortly; API keys still work."
+		h.render(w, http.StatusServiceUnavailable, data)
+		return
+	}
 	scope.KeyName, scope.KeyID = key.Name, key.ID()
-	http.SetCookie(w, h.Sessions.Cookie(id, h.Secure(r)))
+	http.SetCookie(w, session.Cookie(id, h.Sessions.TTL(), h.Secure(r)))
 	http.Redirect(w, r, next, http.StatusSeeOther)
 }
 
@@ -125,11 +143,19 @@ func (h *Handler) logout(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if id := session.FromRequest(r); id != "" {
-		if sess, ok := h.Sessions.Get(id); ok {
+		if sess, ok, _ := h.Sessions.Get(r.Context(), id); ok {
 			scope := reqscope.From(r.Context())
 			scope.KeyName, scope.KeyID = sess.KeyName, sess.KeyID
 		}
-		h.Sessions.Delete(id)
+		if err := h.Sessions.Delete(r.Context(), id); err != nil {
+			// The cookie stays: clearing it would leave a session that
+			// only its expiry ends, with no way left to end it sooner.
+			reqscope.From(r.Context()).AuthFailure = auth.FailureSessionStore
+			jsonerr.SetRetryAfter(w.Header(), 5*time.Second)
+			h.render(w, http.StatusServiceUnavailable, pageData{
+				Error: "Signing out did not work: the gateway cannot reach its session store, so your session is still open. Try again shortly."})
+			return
+		}
 	}
 	http.SetCookie(w, session.ClearCookie(h.Secure(r)))
 	http.Redirect(w, r, Path+"?logged_out=1", http.StatusSeeOther)

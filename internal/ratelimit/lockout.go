@@ -1,6 +1,7 @@
 package ratelimit
 
 import (
+	"context"
 	"net/netip"
 	"sync"
 	"time"
@@ -11,8 +12,24 @@ import (
 // Lockout refuses clients that keep failing authentication: after threshold
 // failures within window from one address, that address is locked out for
 // window, whatever it sends. IPv6 clients are counted by /64
-// (clientip.Block), since one host usually holds a whole /64.
-type Lockout struct {
+// (clientip.Block), since one host usually holds a whole /64. A nil Lockout
+// is no lockout; constructors return nil when it is off, so callers test
+// for nil before calling.
+//
+// An error means the shared store could not be asked; the caller decides
+// (comfygate then lets the request through: see auth.Options.Lockout).
+type Lockout interface {
+	// Locked reports whether a is locked out, and for how long still.
+	Locked(ctx context.Context, a netip.Addr) (left time.Duration, locked bool, err error)
+	// Fail records a failed attempt from a and reports whether it has just
+	// locked a out.
+	Fail(ctx context.Context, a netip.Addr) (locked bool, err error)
+	// Window is how long failures are counted and a lockout lasts.
+	Window() time.Duration
+}
+
+// memoryLockout keeps failures in memory.
+type memoryLockout struct {
 	threshold int
 	window    time.Duration
 
@@ -25,48 +42,39 @@ type failures struct {
 	until time.Time   // locked until then
 }
 
-// NewLockout returns a Lockout; threshold 0 disables it (nil is also valid).
-func NewLockout(threshold int, window time.Duration) *Lockout {
+// NewLockout returns a Lockout in memory; threshold 0 disables it (nil).
+func NewLockout(threshold int, window time.Duration) Lockout {
 	if threshold <= 0 || window <= 0 {
 		return nil
 	}
-	return &Lockout{threshold: threshold, window: window,
+	return &memoryLockout{threshold: threshold, window: window,
 		clients: newTable[netip.Prefix](maxEntries, func(f *failures, now time.Time) bool {
 			// Not locked, and every failure out of the window.
 			return now.After(f.until) && (len(f.times) == 0 || f.times[len(f.times)-1].Before(now.Add(-window)))
 		})}
 }
 
-// Window is how long failures are counted and a lockout lasts.
-func (l *Lockout) Window() time.Duration {
-	if l == nil {
-		return 0
-	}
-	return l.window
-}
+func (l *memoryLockout) Window() time.Duration { return l.window }
 
-// Locked reports whether a is locked out, and for how long still.
-func (l *Lockout) Locked(a netip.Addr) (time.Duration, bool) {
-	if l == nil || !a.IsValid() {
-		return 0, false
+func (l *memoryLockout) Locked(_ context.Context, a netip.Addr) (time.Duration, bool, error) {
+	if !a.IsValid() {
+		return 0, false, nil
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	f, ok := l.clients.get(clientip.Block(a))
 	if !ok {
-		return 0, false
+		return 0, false, nil
 	}
 	if left := time.Until(f.until); left > 0 {
-		return left, true
+		return left, true, nil
 	}
-	return 0, false
+	return 0, false, nil
 }
 
-// Fail records a failed attempt from a and reports whether it has just
-// locked a out.
-func (l *Lockout) Fail(a netip.Addr) bool {
-	if l == nil || !a.IsValid() {
-		return false
+func (l *memoryLockout) Fail(_ context.Context, a netip.Addr) (bool, error) {
+	if !a.IsValid() {
+		return false, nil
 	}
 	now := time.Now()
 	l.mu.Lock()
@@ -77,9 +85,9 @@ func (l *Lockout) Fail(a netip.Addr) bool {
 	if len(f.times) >= l.threshold && now.After(f.until) {
 		f.until = now.Add(l.window)
 		f.times = f.times[:0]
-		return true
+		return true, nil
 	}
-	return false
+	return false, nil
 }
 
 func prune(ts []time.Time, since time.Time) []time.Time {
@@ -89,3 +97,5 @@ func prune(ts []time.Time, since time.Time) []time.Time {
 	}
 	return append(ts[:0], ts[i:]...)
 }
+
+var _ Lockout = (*memoryLockout)(nil)

@@ -1,10 +1,15 @@
 // Package ratelimit refuses clients and keys that do too much: per-key
-// request and prompt limits (Limiter, one token bucket per key, from
-// golang.org/x/time/rate) and the brute-force lockout per client address
-// (Lockout). Both keep their state in memory, in tables of bounded size.
+// request and prompt limits (Limiter, a token bucket per key) and the
+// brute-force lockout per client address (Lockout).
+//
+// Each has two implementations behind one interface: in memory (New,
+// NewLockout; golang.org/x/time/rate buckets in tables of bounded size),
+// the default, and in Redis (NewRedis, NewRedisLockout), shared by every
+// gateway replica, each decision one atomic Lua script on Redis's clock.
 package ratelimit
 
 import (
+	"context"
 	"net/http"
 	"sync"
 	"time"
@@ -16,8 +21,19 @@ import (
 	"github.com/comfygate/comfygate/internal/route"
 )
 
-// Limiter holds one token bucket per key. A nil *Limiter allows everything.
-type Limiter struct {
+// Limiter hands each key a budget: rate events per second, in bursts of up
+// to burst. A nil Limiter is no limit; constructors return nil for "no
+// limit", so callers test for nil before calling.
+type Limiter interface {
+	// Allow takes one event from key's budget. When the budget is spent it
+	// takes nothing and reports how long until one event is back. An
+	// error means the budget could not be checked (a shared store that is
+	// down); the caller decides whether to allow.
+	Allow(ctx context.Context, key string) (ok bool, retryAfter time.Duration, err error)
+}
+
+// memoryLimiter holds one token bucket per key, in memory.
+type memoryLimiter struct {
 	limit rate.Limit
 	burst int
 
@@ -25,14 +41,14 @@ type Limiter struct {
 	buckets *table[string, *rate.Limiter]
 }
 
-// New returns a limiter that allows perSecond events per second with bursts
-// of burst (at least 1; a fraction is rounded down); perSecond <= 0 returns
-// nil (no limit).
-func New(perSecond, burst float64) *Limiter {
+// New returns a limiter in memory that allows perSecond events per second
+// with bursts of burst (at least 1; a fraction is rounded down);
+// perSecond <= 0 returns nil (no limit).
+func New(perSecond, burst float64) Limiter {
 	if perSecond <= 0 {
 		return nil
 	}
-	l := &Limiter{limit: rate.Limit(perSecond), burst: max(int(burst), 1)}
+	l := &memoryLimiter{limit: rate.Limit(perSecond), burst: max(int(burst), 1)}
 	// A full bucket is the same as none: forgetting it changes nothing.
 	l.buckets = newTable[string](maxEntries, func(b *rate.Limiter, now time.Time) bool {
 		return b.TokensAt(now) >= float64(l.burst)
@@ -42,19 +58,16 @@ func New(perSecond, burst float64) *Limiter {
 
 // Allow takes one token from key's bucket. When the bucket is empty it
 // reports how long until a token is back.
-func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
-	if l == nil {
-		return true, 0
-	}
+func (l *memoryLimiter) Allow(_ context.Context, key string) (bool, time.Duration, error) {
 	now := time.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b := l.buckets.getOrAdd(key, now, func() *rate.Limiter { return rate.NewLimiter(l.limit, l.burst) })
 	if b.AllowN(now, 1) {
-		return true, 0
+		return true, 0, nil
 	}
 	// A refusal takes nothing, so the wait is until one whole token.
-	return false, time.Duration((1 - b.TokensAt(now)) / float64(l.limit) * float64(time.Second))
+	return false, time.Duration((1 - b.TokensAt(now)) / float64(l.limit) * float64(time.Second)), nil
 }
 
 // Middleware applies per-key limits to authenticated requests: requests
@@ -63,7 +76,11 @@ func (l *Limiter) Allow(key string) (ok bool, retryAfter time.Duration) {
 // configured) and public requests (the UI's static files must not use up a
 // key's budget) are not limited; it reads both, and the route, from the
 // request's scope.
-func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
+//
+// A limiter that cannot be asked (Redis down) allows: limits protect the
+// servers' capacity, and an outage of the shared store must not become an
+// outage of the gateway for every key holder.
+func Middleware(requests, prompts Limiter) func(http.Handler) http.Handler {
 	return func(next http.Handler) http.Handler {
 		if requests == nil && prompts == nil {
 			return next
@@ -75,13 +92,15 @@ func Middleware(requests, prompts *Limiter) func(http.Handler) http.Handler {
 				next.ServeHTTP(w, r)
 				return
 			}
-			if ok, wait := requests.Allow(name); !ok {
-				scope.AuthFailure = "rate_limited"
-				refuse(w, wait, "this API key is over its request rate limit")
-				return
+			if requests != nil {
+				if ok, wait, err := requests.Allow(r.Context(), name); !ok && err == nil {
+					scope.AuthFailure = "rate_limited"
+					refuse(w, wait, "this API key is over its request rate limit")
+					return
+				}
 			}
-			if r.Method == http.MethodPost && scope.Route.Kind == "prompt" {
-				if ok, wait := prompts.Allow(name); !ok {
+			if prompts != nil && r.Method == http.MethodPost && scope.Route.Kind == "prompt" {
+				if ok, wait, err := prompts.Allow(r.Context(), name); !ok && err == nil {
 					scope.AuthFailure = "rate_limited"
 					refuse(w, wait, "this API key is over its prompt rate limit")
 					return
@@ -96,3 +115,5 @@ func refuse(w http.ResponseWriter, wait time.Duration, msg string) {
 	jsonerr.SetRetryAfter(w.Header(), wait)
 	jsonerr.Write(w, http.StatusTooManyRequests, "rate_limited", msg)
 }
+
+var _ Limiter = (*memoryLimiter)(nil)

@@ -1,6 +1,7 @@
 package ratelimit
 
 import (
+	"context"
 	"net/netip"
 	"strconv"
 	"testing"
@@ -8,37 +9,62 @@ import (
 	"time"
 )
 
+// allow and fail drop the context and the error, which the memory
+// versions never return, for the tests of the memory versions' timing.
+func allow(l Limiter, key string) (bool, time.Duration) {
+	ok, wait, err := l.Allow(context.Background(), key)
+	if err != nil {
+		panic(err)
+	}
+	return ok, wait
+}
+
+func fail(l Lockout, a netip.Addr) bool {
+	locked, err := l.Fail(context.Background(), a)
+	if err != nil {
+		panic(err)
+	}
+	return locked
+}
+
+func isLocked(l Lockout, a netip.Addr) (time.Duration, bool) {
+	left, locked, err := l.Locked(context.Background(), a)
+	if err != nil {
+		panic(err)
+	}
+	return left, locked
+}
+
 func TestAllow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		l := New(5.0/60, 5) // 5 a minute
 		for i := range 5 {
-			if ok, _ := l.Allow("a"); !ok {
+			if ok, _ := allow(l, "a"); !ok {
 				t.Fatalf("attempt %d refused", i)
 			}
 		}
-		ok, wait := l.Allow("a")
+		ok, wait := allow(l, "a")
 		if ok || wait != 12*time.Second {
 			t.Errorf("sixth: %v, wait %v; want refused, 12s", ok, wait)
 		}
-		if ok, _ := l.Allow("b"); !ok {
+		if ok, _ := allow(l, "b"); !ok {
 			t.Error("another key shares the bucket")
 		}
 		time.Sleep(12 * time.Second)
-		if ok, _ := l.Allow("a"); !ok {
+		if ok, _ := allow(l, "a"); !ok {
 			t.Error("no token back after 12s")
 		}
-		var none *Limiter
-		if ok, _ := none.Allow("x"); !ok {
-			t.Error("a nil limiter refused")
+		if New(0, 5) != nil || NewLockout(0, time.Minute) != nil {
+			t.Error("a disabled limit is not nil")
 		}
 	})
 }
 
 // TestBounded: a limiter keyed by client address cannot grow past its cap.
 func TestBounded(t *testing.T) {
-	l := New(1, 1)
+	l := New(1, 1).(*memoryLimiter)
 	for i := range maxEntries + 5000 {
-		l.Allow(strconv.Itoa(i))
+		allow(l, strconv.Itoa(i))
 	}
 	if n := l.buckets.len(); n > maxEntries {
 		t.Errorf("%d buckets; cap %d", n, maxEntries)
@@ -49,31 +75,31 @@ func TestLockoutCounts(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		l := NewLockout(3, time.Minute)
 		a := netip.MustParseAddr("198.51.100.1")
-		if first, second := l.Fail(a), l.Fail(a); first || second {
+		if first, second := fail(l, a), fail(l, a); first || second {
 			t.Fatal("locked before the threshold")
 		}
 		time.Sleep(61 * time.Second) // the first two fall out of the window
-		if first, second := l.Fail(a), l.Fail(a); first || second {
+		if first, second := fail(l, a), fail(l, a); first || second {
 			t.Fatal("old failures still counted")
 		}
-		if !l.Fail(a) {
+		if !fail(l, a) {
 			t.Fatal("third failure within the window did not lock")
 		}
-		if left, locked := l.Locked(a); !locked || left != time.Minute {
+		if left, locked := isLocked(l, a); !locked || left != time.Minute {
 			t.Errorf("Locked = %v, %v", left, locked)
 		}
 		// IPv6 is counted per /64.
 		v6 := NewLockout(2, time.Minute)
-		v6.Fail(netip.MustParseAddr("2001:db8::1"))
-		v6.Fail(netip.MustParseAddr("2001:db8::ffff"))
-		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8::42")); !locked {
+		fail(v6, netip.MustParseAddr("2001:db8::1"))
+		fail(v6, netip.MustParseAddr("2001:db8::ffff"))
+		if _, locked := isLocked(v6, netip.MustParseAddr("2001:db8::42")); !locked {
 			t.Error("rotating addresses within a /64 escaped the lockout")
 		}
-		if _, locked := v6.Locked(netip.MustParseAddr("2001:db8:1::1")); locked {
+		if _, locked := isLocked(v6, netip.MustParseAddr("2001:db8:1::1")); locked {
 			t.Error("another /64 is locked too")
 		}
 		time.Sleep(time.Minute)
-		if _, locked := l.Locked(a); locked {
+		if _, locked := isLocked(l, a); locked {
 			t.Error("still locked after the window")
 		}
 	})
@@ -82,9 +108,9 @@ func TestLockoutCounts(t *testing.T) {
 // TestLockoutBounded: an address-spraying client cannot grow the table
 // past its cap.
 func TestLockoutBounded(t *testing.T) {
-	l := NewLockout(10, time.Hour)
+	l := NewLockout(10, time.Hour).(*memoryLockout)
 	for i := range maxEntries + 5000 {
-		l.Fail(netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
+		fail(l, netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)}))
 	}
 	if n := l.clients.len(); n > maxEntries {
 		t.Errorf("%d addresses tracked; cap %d", n, maxEntries)

@@ -29,7 +29,7 @@ func (s *Server) fleetStatus() []health.UpstreamStatus {
 	out := make([]health.UpstreamStatus, len(st))
 	for i, u := range st {
 		out[i] = health.UpstreamStatus{Name: u.Name, Healthy: u.Healthy, Draining: u.Draining,
-			Pending: u.Pending, Running: u.Running, Version: u.Version, SystemStats: u.SystemStats}
+			Pending: u.Pending, Running: u.Running, Version: u.Version, Nodes: u.Nodes, SystemStats: u.SystemStats}
 	}
 	return out
 }

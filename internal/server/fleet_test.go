@@ -68,7 +68,7 @@ func TestFleetThroughTheGateway(t *testing.T) {
 	ws.SetReadLimit(1 << 24)
 
 	// Wait for the hub's sockets to the servers, then queue two prompts.
-	waitFor(t, func() bool { return hubConnected(fakes) })
+	waitFor(t, func() bool { return fleetReady(t, g, fakes) })
 	var ids []string
 	for range 2 {
 		res, body := do(t, "POST", g.URL+"/api/prompt", strings.NewReader(fmt.Sprintf(smallPrompt, "me")), key...)
@@ -201,10 +201,26 @@ func TestFleetUpstreamsFile(t *testing.T) {
 	}
 }
 
-// hubConnected reports whether every fake has a socket open (the hub's).
-func hubConnected(fakes []*comfytest.Fake) bool {
+// fleetReady reports whether every fake has a socket open (the hub's) and
+// /health shows the node list of every server read (until then a server
+// gets prompts only when no other can take them).
+func fleetReady(t *testing.T, g *gateway, fakes []*comfytest.Fake) bool {
 	for _, fk := range fakes {
 		if len(fk.Sockets()) == 0 {
+			return false
+		}
+	}
+	_, body := do(t, "GET", g.URL+"/health", nil)
+	var h struct {
+		Upstreams []struct {
+			Nodes int `json:"nodes"`
+		} `json:"upstreams"`
+	}
+	if json.Unmarshal(body, &h) != nil || len(h.Upstreams) != len(fakes) {
+		return false
+	}
+	for _, u := range h.Upstreams {
+		if u.Nodes == 0 {
 			return false
 		}
 	}

@@ -97,7 +97,7 @@ func testIsolation(t *testing.T, n int) {
 		return c
 	}
 	aliceWS, bobWS := dial(aliceKey), dial(bobKey)
-	waitFor(t, func() bool { return hubConnected(fakes) })
+	waitFor(t, func() bool { return fleetReady(t, g, fakes) })
 
 	if s := upload(t, g, aliceKey, "alice.png"); s != 200 {
 		t.Fatalf("alice's upload: %d", s)

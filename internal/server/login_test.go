@@ -353,7 +353,7 @@ func TestSessionExpiry(t *testing.T) {
 		if c := get(); c != 401 {
 			t.Errorf("after 12h: %d; want 401", c)
 		}
-		if n := srv.sessions.Len(); n != 0 {
+		if n := srv.sessions.(*session.Memory).Len(); n != 0 {
 			t.Errorf("%d expired sessions still stored", n)
 		}
 	})

@@ -51,8 +51,10 @@ type Server struct {
 	health     *health.Checker
 	monitor    *health.Monitor
 	// sessions holds browser sessions (nil when login is off or no keys).
-	sessions *session.Store
-	handler  http.Handler
+	sessions session.Store
+	// state makes the stores replicas share (in memory without --redis).
+	state   state
+	handler http.Handler
 	// via names this process in the Via header it adds to what it
 	// forwards, to recognise a request that comes back to it (a loop).
 	via string
@@ -113,7 +115,8 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		Logger:           logger,
 	})
 	s.keys.OnChange(s.keysChanged)
-	lockout := ratelimit.NewLockout(cfg.LockoutAttempts, cfg.LockoutWindow)
+	s.state = newState(cfg, s)
+	lockout := s.state.lockout(cfg.LockoutAttempts, cfg.LockoutWindow)
 
 	// The end of the chain: ComfyUI through the proxy, or, with several
 	// servers, the fleet, which routes each request by its route and
@@ -126,8 +129,10 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	)
 	if cfg.Fleet() || cfg.Isolation {
 		s.metrics.EnableFleet()
-		s.hub = hub.New(fleetRouter{s}, hub.Options{Isolation: cfg.Isolation, Logger: logger})
+		s.hub = hub.New(fleetRouter{s}, hub.Options{Isolation: cfg.Isolation, Logger: logger, Relay: s.state.relay(logger)})
 		s.fleet = fleet.New(s.pool, s.proxy, fleet.Options{
+			Store:        s.state.fleetStore(),
+			Leases:       s.state.leases(),
 			PollInterval: cfg.FleetPollInterval,
 			PollTimeout:  cfg.HealthTimeout,
 			MaxBodyBytes: cfg.MaxBodyBytes,
@@ -144,7 +149,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		})
 		end = s.fleet
 		fh := health.NewFleet(s.fleetStatus, version, cfg.MaxQueue)
-		public = map[string]http.Handler{"/health": fh, "/health/live": fh.Live(), "/health/ready": fh.Ready()}
+		public = map[string]http.Handler{"/health": fh, "/health/live": fh.Live(), "/health/ready": s.state.ready(fh.Ready())}
 	} else {
 		s.health = health.New(cfg.Upstream, health.Options{
 			Timeout:        cfg.HealthTimeout,
@@ -156,7 +161,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		public = map[string]http.Handler{
 			"/health":       s.health,
 			"/health/live":  s.monitor.Live(),
-			"/health/ready": s.monitor.Ready(),
+			"/health/ready": s.state.ready(s.monitor.Ready()),
 		}
 	}
 	upstream := end
@@ -176,12 +181,12 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 	authOpts := auth.Options{Lockout: lockout, OnLockout: s.lockedOut}
 	loginRoutes := func(next http.Handler) http.Handler { return next }
 	if cfg.Login && len(cfg.Keys) > 0 {
-		s.sessions = session.NewStore(cfg.SessionTTL)
+		s.sessions = s.state.sessions(cfg.SessionTTL)
 		authOpts.Sessions, authOpts.LoginPath = s.sessions, login.Path
 		lh := &login.Handler{
 			Keys:      s.keys,
 			Sessions:  s.sessions,
-			Attempts:  ratelimit.New(5.0/60, 5), // 5 a minute per address
+			Attempts:  s.state.limiter("login", 5.0/60, 5), // 5 a minute per address
 			Lockout:   lockout,
 			OnLockout: s.lockedOut,
 			Secure: func(r *http.Request) bool {
@@ -221,8 +226,8 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			loginRoutes,
 			auth.Middleware(s.keys, authOpts),
 			ratelimit.Middleware(
-				ratelimit.New(cfg.KeyRateLimit, cfg.KeyRateLimit),
-				ratelimit.New(cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
+				s.state.limiter("requests", cfg.KeyRateLimit, cfg.KeyRateLimit),
+				s.state.limiter("prompts", cfg.KeyPromptLimit/60, cfg.KeyPromptLimit),
 			),
 		)),
 		requestlog.Middleware(logger, auth.RedactQuery, clients.Resolve, cfg.ProtectWS, s.metrics.Observe),
@@ -260,10 +265,17 @@ func (s *Server) keysChanged(c auth.Change) {
 		names[i] = k.Name
 	}
 	closed := 0
-	if s.sessions != nil {
+	if s.sessions != nil && len(ids) > 0 {
+		// Each replica does this; the first to get there ends the
+		// sessions. Should the store be down, the sessions still end:
+		// a session whose key is gone is refused and deleted when used.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		for id := range ids {
-			s.sessions.DeleteKey(id)
+			if _, err := s.sessions.DeleteKey(ctx, id); err != nil {
+				s.log.Warn("could not end the browser sessions of a removed key now; they are refused when used", "err", err)
+			}
 		}
+		cancel()
 	}
 	if len(ids) > 0 {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -395,6 +407,7 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	wg.Go(func() { s.keys.Watch(watchCtx, s.cfg.KeyPollInterval) })
 	if s.fleet != nil {
 		wg.Go(func() { s.fleet.Run(watchCtx, nil) })
+		wg.Go(func() { s.hub.Run(watchCtx) })
 		if s.cfg.UpstreamsFile != "" {
 			wg.Go(func() { s.watchUpstreams(watchCtx, s.cfg.KeyPollInterval) })
 		}
@@ -445,6 +458,7 @@ func (s *Server) Serve(ctx context.Context, lns []net.Listener, metricsLn net.Li
 	streams.Wait()
 	stopWatch()
 	wg.Wait()
+	s.state.close()
 	s.audit.Close()
 	return serveErr
 }

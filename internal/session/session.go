@@ -3,12 +3,19 @@
 // cookie, and comfygate maps it to the key it was opened with. The key never
 // reaches the page, so no script in it (ComfyUI's or a custom node's) can
 // read it.
+//
+// Sessions live in a Store: Memory, the default, or Redis, which several
+// gateway replicas share (--redis). Both keep sessions by the SHA-256 of
+// their id, never the id itself, so that even a dump of the store holds no
+// usable cookie, and a lookup's timing says nothing about the ids held.
 package session
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"errors"
 	"net/http"
 	"sync"
 	"time"
@@ -18,9 +25,12 @@ import (
 // collides with nothing.
 const CookieName = "comfygate_session"
 
-// maxSessions bounds the store; past it the oldest expired sessions are
-// swept, and if none are expired the login is refused.
-const maxSessions = 100_000
+// maxIDLen bounds the ids looked up: ours are 43 characters.
+const maxIDLen = 128
+
+// ErrFull is returned by Create when the store holds as many sessions as it
+// may.
+var ErrFull = errors.New("too many open sessions")
 
 // Session is one logged-in browser.
 type Session struct {
@@ -29,72 +39,110 @@ type Session struct {
 	Expires time.Time
 }
 
-// Store holds sessions in memory, by the SHA-256 of their id, so that even
-// a dump of the store does not hold usable cookies. Sessions end at
-// logout, at expiry, and when the caller finds their key gone.
-type Store struct {
+// Store holds sessions. Sessions end at logout, at expiry, and when the
+// caller finds their key gone. An error means the store could not be
+// asked (a shared store that is down): the caller decides what that means,
+// and must not take it for "no session".
+type Store interface {
+	// Create opens a session for the key and returns its id.
+	Create(ctx context.Context, keyID [32]byte, keyName string) (string, error)
+	// Get returns the live session with this id; ok is false when there is
+	// none (unknown, expired or ended).
+	Get(ctx context.Context, id string) (s Session, ok bool, err error)
+	// Delete ends the session with this id, if there is one.
+	Delete(ctx context.Context, id string) error
+	// DeleteKey ends every session opened with the key and says how many.
+	DeleteKey(ctx context.Context, keyID [32]byte) (int, error)
+	// TTL is how long a session lasts.
+	TTL() time.Duration
+}
+
+// newID returns a fresh session id: 256 random bits, URL-safe.
+func newID() string {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return base64.RawURLEncoding.EncodeToString(b)
+}
+
+// lookupHash returns the hash a store files id under, or false for an id
+// that cannot be one of ours.
+func lookupHash(id string) ([32]byte, bool) {
+	if id == "" || len(id) > maxIDLen {
+		return [32]byte{}, false
+	}
+	return sha256.Sum256([]byte(id)), true
+}
+
+// maxSessions bounds the memory store; past it the expired sessions are
+// swept, and if none are expired the login is refused.
+const maxSessions = 100_000
+
+// Memory is the Store of a single gateway: sessions in memory, by the
+// SHA-256 of their id. A restart ends every session.
+type Memory struct {
 	ttl time.Duration
 
 	mu       sync.Mutex
 	sessions map[[32]byte]*Session
 }
 
-// NewStore returns a store whose sessions last ttl.
-func NewStore(ttl time.Duration) *Store {
-	return &Store{ttl: ttl, sessions: make(map[[32]byte]*Session)}
+// NewMemory returns a memory store whose sessions last ttl.
+func NewMemory(ttl time.Duration) *Memory {
+	return &Memory{ttl: ttl, sessions: make(map[[32]byte]*Session)}
 }
 
 // TTL is how long a session lasts.
-func (s *Store) TTL() time.Duration { return s.ttl }
+func (s *Memory) TTL() time.Duration { return s.ttl }
 
-// Create opens a session for the key and returns its id, or "" if the store
-// is full.
-func (s *Store) Create(keyID [32]byte, keyName string) string {
-	b := make([]byte, 32)
-	rand.Read(b)
-	id := base64.RawURLEncoding.EncodeToString(b)
+// Create opens a session for the key and returns its id, or ErrFull.
+func (s *Memory) Create(_ context.Context, keyID [32]byte, keyName string) (string, error) {
+	id := newID()
 	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if len(s.sessions) >= maxSessions {
 		s.sweep(now)
 		if len(s.sessions) >= maxSessions {
-			return ""
+			return "", ErrFull
 		}
 	}
 	s.sessions[sha256.Sum256([]byte(id))] = &Session{KeyID: keyID, KeyName: keyName, Expires: now.Add(s.ttl)}
-	return id
+	return id, nil
 }
 
 // Get returns the live session with this id.
-func (s *Store) Get(id string) (Session, bool) {
-	if id == "" || len(id) > 128 {
-		return Session{}, false
+func (s *Memory) Get(_ context.Context, id string) (Session, bool, error) {
+	h, ok := lookupHash(id)
+	if !ok {
+		return Session{}, false, nil
 	}
-	h := sha256.Sum256([]byte(id))
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sess, ok := s.sessions[h]
 	if !ok {
-		return Session{}, false
+		return Session{}, false, nil
 	}
 	if time.Now().After(sess.Expires) {
 		delete(s.sessions, h)
-		return Session{}, false
+		return Session{}, false, nil
 	}
-	return *sess, true
+	return *sess, true, nil
 }
 
 // Delete ends the session with this id.
-func (s *Store) Delete(id string) {
-	h := sha256.Sum256([]byte(id))
+func (s *Memory) Delete(_ context.Context, id string) error {
+	h, ok := lookupHash(id)
+	if !ok {
+		return nil
+	}
 	s.mu.Lock()
 	delete(s.sessions, h)
 	s.mu.Unlock()
+	return nil
 }
 
 // DeleteKey ends every session opened with the key.
-func (s *Store) DeleteKey(keyID [32]byte) int {
+func (s *Memory) DeleteKey(_ context.Context, keyID [32]byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	n := 0
@@ -104,17 +152,17 @@ func (s *Store) DeleteKey(keyID [32]byte) int {
 			n++
 		}
 	}
-	return n
+	return n, nil
 }
 
 // Len reports how many sessions are stored (expired ones included until swept).
-func (s *Store) Len() int {
+func (s *Memory) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.sessions)
 }
 
-func (s *Store) sweep(now time.Time) {
+func (s *Memory) sweep(now time.Time) {
 	for h, sess := range s.sessions {
 		if now.After(sess.Expires) {
 			delete(s.sessions, h)
@@ -131,15 +179,15 @@ func FromRequest(r *http.Request) string {
 	return c.Value
 }
 
-// Cookie returns the cookie that carries id. It is HttpOnly (no script can
-// read it), SameSite=Lax (not sent on cross-site subrequests or POSTs), and
-// Secure when the gateway is reached over HTTPS.
-func (s *Store) Cookie(id string, secure bool) *http.Cookie {
+// Cookie returns the cookie that carries id for ttl. It is HttpOnly (no
+// script can read it), SameSite=Lax (not sent on cross-site subrequests or
+// POSTs), and Secure when the gateway is reached over HTTPS.
+func Cookie(id string, ttl time.Duration, secure bool) *http.Cookie {
 	return &http.Cookie{
 		Name:     CookieName,
 		Value:    id,
 		Path:     "/",
-		MaxAge:   int(s.ttl / time.Second),
+		MaxAge:   int(ttl / time.Second),
 		HttpOnly: true,
 		Secure:   secure,
 		SameSite: http.SameSiteLaxMode,
@@ -150,3 +198,5 @@ func (s *Store) Cookie(id string, secure bool) *http.Cookie {
 func ClearCookie(secure bool) *http.Cookie {
 	return &http.Cookie{Name: CookieName, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: secure, SameSite: http.SameSiteLaxMode}
 }
+
+var _ Store = (*Memory)(nil)
