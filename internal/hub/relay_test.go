@@ -207,3 +207,44 @@ func TestRelayPayload(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkRelay is the time from a server's message reaching the hub to
+// the client's socket reading it, one message at a time: for a socket on
+// the same replica, and for one on another replica through Redis on
+// loopback. go test -bench Relay -run ^$ ./internal/hub
+func BenchmarkRelay(b *testing.B) {
+	rs := redistest.Start(b)
+	a, other := newBenchReplica(b, rs), newBenchReplica(b, rs)
+	for _, bc := range []struct {
+		name string
+		to   *replica
+	}{{"local", a}, {"relayed", other}} {
+		b.Run(bc.name, func(b *testing.B) {
+			id := "bench-" + bc.name
+			c, _, err := websocket.Dial(b.Context(), bc.to.base+id, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.CloseNow()
+			c.Read(b.Context()) // the greeting
+			msg := text(`{"type":"progress","data":{"value":1,"max":20,"prompt_id":"p","node":"3"}}`)
+			for b.Loop() {
+				a.deliver(id, "", msg)
+				if _, _, err := c.Read(b.Context()); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+func newBenchReplica(b *testing.B, rs *redistest.Server) *replica {
+	logger := slog.New(slog.DiscardHandler)
+	h := New(nobody{}, Options{Logger: logger, Relay: NewRedisRelay(rs.Client(b), "cgbench:", logger)})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { h.Run(ctx); close(done) }()
+	srv := httptest.NewServer(h)
+	b.Cleanup(func() { h.Close(); srv.Close(); cancel(); <-done })
+	return &replica{h, "ws" + strings.TrimPrefix(srv.URL, "http") + "/ws?clientId="}
+}

@@ -1,8 +1,9 @@
 // Package redistest runs a real redis-server for tests: each Server is a
 // fresh process on a free loopback port, with no persistence, in a
 // temporary directory, stopped when the test ends. Tests that need one are
-// skipped when redis-server is not installed, unless COMFYGATE_REDIS_REQUIRED=1
-// (as in CI), which makes them fail instead.
+// skipped when redis-server is not installed, unless REDIS_TESTS_REQUIRED=1
+// (as in CI), which makes them fail instead. (Not COMFYGATE_…: comfygate
+// refuses to start with a COMFYGATE_ variable it does not know.)
 package redistest
 
 import (
@@ -25,7 +26,7 @@ import (
 
 // RequiredEnv names the variable that turns a missing redis-server from a
 // skip into a failure.
-const RequiredEnv = "COMFYGATE_REDIS_REQUIRED"
+const RequiredEnv = "REDIS_TESTS_REQUIRED"
 
 // Server is one redis-server process.
 type Server struct {
