@@ -239,6 +239,7 @@ func (a *agg) markdown(svgPath, notes string) string {
 	w("![CPU per small request, added latency, 8 MiB download, memory per idle WebSocket](%s)\n\n", svgPath)
 
 	a.writeSummary(&b)
+	a.writeGoals10(&b)
 	a.writeGoals(&b)
 
 	w("## Small requests: `GET /api/prompt`\n\n")
@@ -533,6 +534,45 @@ func (a *agg) writeSummary(b *strings.Builder) {
 		}
 	}
 	t.add(row...)
+	fmt.Fprintf(b, "%s\n", t)
+}
+
+// writeGoals10 compares comfygate with the targets of issue 10 (one road
+// through net/http and http.Transport): the figures that matter to
+// ComfyUI users must hold while the CPU per request may rise.
+func (a *agg) writeGoals10(b *strings.Builder) {
+	cg := a.find("comfygate", false)
+	if cg == nil {
+		return
+	}
+	fmt.Fprintf(b, "## Against the targets of issue 10\n\n")
+	t := &table{head: []string{"Target", "Measured", "Result"}}
+	verdict := func(ok bool, miss string) string {
+		if ok {
+			return "met"
+		}
+		return "**missed** " + miss
+	}
+	if d := a.find("direct", false); d != nil {
+		x, y := a.get("view8m", cg.Name, "mib_s"), a.get("view8m", d.Name, "mib_s")
+		if x.ok && y.ok {
+			r := x.mean / y.mean
+			t.add("8 MiB `/view` ≥ 0.6 × direct", fmt.Sprintf("%s MiB/s vs %s MiB/s (×%.2f)", num(x.mean), num(y.mean), r),
+				verdict(r >= 0.6, fmt.Sprintf("by %.2f", 0.6-r)))
+		}
+	}
+	if x := a.get("ws-idle", cg.Name, "kib_per_ws"); x.ok {
+		t.add(fmt.Sprintf("%d idle WebSockets ≤ 12 KB each", a.res.Settings.IdleSockets), fmt.Sprintf("%s KiB (%.1f KB)", num(x.mean), x.mean*1.024),
+			verdict(x.mean*1.024 <= 12, fmt.Sprintf("by %.1f KB", x.mean*1.024-12)))
+	}
+	if p := a.find("nginx", false); p != nil {
+		ax, ok1 := a.added("get-c1", cg, "p50_us")
+		ay, ok2 := a.added("get-c1", p, "p50_us")
+		if ok1 && ok2 {
+			t.add("Added p50 at c=1 ≤ 2 × nginx's", fmt.Sprintf("%s µs vs %s µs (×%.2f)", num(ax), num(ay), ax/ay),
+				verdict(ax <= 2*ay, fmt.Sprintf("by %s µs", num(ax-2*ay))))
+		}
+	}
 	fmt.Fprintf(b, "%s\n", t)
 }
 
