@@ -25,6 +25,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/comfygate/comfygate/internal/hub"
@@ -136,8 +137,10 @@ type Fleet struct {
 
 	// tickMu makes a tick (polls, failover, stealing) run alone.
 	tickMu sync.Mutex
-	// lease is the leader lease while this replica holds it (under tickMu).
-	lease Lease
+	// lease is the leader lease while this replica holds it (under tickMu);
+	// acting mirrors lease != nil for readers outside the tick.
+	lease  Lease
+	acting atomic.Bool
 	// chooseMu makes choosing a server and counting a prompt on it one
 	// step.
 	chooseMu sync.Mutex
@@ -167,6 +170,12 @@ func New(pool *upstream.Pool, p *proxy.Proxy, opts Options) *Fleet {
 	}
 	return &Fleet{pool: pool, proxy: p, store: opts.Store, opts: opts, log: opts.Logger,
 		members: map[*upstream.Upstream]*member{}, kick: make(chan struct{}, 1)}
+}
+
+// Acting reports whether this gateway acts on the fleet's records (always
+// when it is alone; with shared leases, while it holds the lease).
+func (f *Fleet) Acting() bool {
+	return f.opts.Leases == nil || f.acting.Load()
 }
 
 // member returns the state of server u.
@@ -232,6 +241,7 @@ func (f *Fleet) Run(ctx context.Context, ready chan<- struct{}) {
 				f.lease.Release(rctx)
 				cancel()
 				f.lease = nil
+				f.acting.Store(false)
 			}
 			f.tickMu.Unlock()
 			return

@@ -253,6 +253,7 @@ func (f *Fleet) lead(ctx context.Context) bool {
 		}
 		f.log.Warn("fleet: this replica is no longer the one acting on prompt records", "err", err)
 		f.lease = nil
+		f.acting.Store(false)
 	}
 	l, ok, err := f.opts.Leases.Acquire(ctx, leaderLease, ttl)
 	if err != nil || !ok {
@@ -260,6 +261,7 @@ func (f *Fleet) lead(ctx context.Context) bool {
 	}
 	f.log.Info("fleet: this replica now acts on prompt records (requeues, moves, cleanup)")
 	f.lease = l
+	f.acting.Store(true)
 	return true
 }
 

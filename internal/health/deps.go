@@ -26,6 +26,10 @@ type Dependency struct {
 	last error
 }
 
+// Err returns the latest result of the check: nil when the dependency
+// works. It checks again once the result is TTL old.
+func (d *Dependency) Err(ctx context.Context) error { return d.check(ctx) }
+
 // check returns the latest result, checking again once it is TTL old.
 func (d *Dependency) check(ctx context.Context) error {
 	d.mu.Lock()

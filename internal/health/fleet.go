@@ -1,6 +1,7 @@
 package health
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -48,6 +49,8 @@ type Fleet struct {
 	gatewayVersion string
 	maxQueue       int
 	start          time.Time
+	// Replica, if set, describes this replica in /health (--redis).
+	Replica func(context.Context) *Replica
 }
 
 // NewFleet returns the health endpoints of a fleet whose servers status
@@ -98,6 +101,9 @@ func (f *Fleet) Report() *FleetReport {
 // ServeHTTP answers /health: 200 while one server is healthy, else 503.
 func (f *Fleet) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rep := f.Report()
+	if f.Replica != nil {
+		rep.Replica = f.Replica(r.Context())
+	}
 	code := http.StatusOK
 	if !rep.Healthy() {
 		code = http.StatusServiceUnavailable

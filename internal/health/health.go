@@ -41,6 +41,8 @@ type Options struct {
 	StillDownEvery time.Duration
 	// Now returns the current time. Nil means time.Now; tests set a clock.
 	Now func() time.Time
+	// Replica, if set, describes this replica in /health (--redis).
+	Replica func(context.Context) *Replica
 }
 
 // DefaultStillDownEvery is the default Options.StillDownEvery.
@@ -60,12 +62,27 @@ type Report struct {
 	VRAM           *VRAM   `json:"vram,omitempty"`
 	Error          string  `json:"error,omitempty"`
 	GatewayVersion string  `json:"gateway_version,omitempty"`
+	// Replica describes this gateway among replicas that share state
+	// (--redis); absent otherwise.
+	Replica *Replica `json:"replica,omitempty"`
 
 	// Devices lists every device ComfyUI reported, for metrics.
 	Devices []Device `json:"-"`
 
 	// err is the detail of an unhealthy report, for the log only.
 	err error
+}
+
+// Replica is one gateway replica among several that share state in
+// Redis (--redis).
+type Replica struct {
+	// ID names the replica: the client id its hub uses on the servers.
+	ID string `json:"id"`
+	// Redis is "ok", or why Redis cannot be used (no address, no secret).
+	Redis string `json:"redis"`
+	// Acting reports that this replica holds the fleet's lease: it is the
+	// one that queues a dead server's prompts again and moves prompts.
+	Acting bool `json:"acting"`
 }
 
 // Device is one of ComfyUI's devices and its memory in bytes.
@@ -149,6 +166,9 @@ func New(base *url.URL, opts Options) *Checker {
 // ServeHTTP answers 200 with a healthy report or 503 with an unhealthy one.
 func (c *Checker) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	rep := c.Check(r.Context())
+	if c.opts.Replica != nil {
+		rep.Replica = c.opts.Replica(r.Context())
+	}
 	body, _ := json.Marshal(rep)
 	h := w.Header()
 	h.Set("Content-Type", "application/json; charset=utf-8")

@@ -120,6 +120,30 @@ func (m *Metrics) EnableFleet() {
 	m.fleetErrors = f.counterVec("fleet_upstream_errors_total", "Requests that got no answer from a ComfyUI server, by server and reason.", "upstream", "reason")
 }
 
+// EnableReplica registers the gauges of a replica that shares state in
+// Redis (--redis): whether Redis answers, and, in fleet mode (acting not
+// nil), whether this replica holds the fleet's lease.
+func (m *Metrics) EnableReplica(redisUp, acting func() bool) {
+	gauge := func(f func() bool) func() float64 {
+		return func() float64 {
+			if f() {
+				return 1
+			}
+			return 0
+		}
+	}
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "redis_up",
+		Help: "1 if the shared Redis (--redis) answered its last check (cached for a second), else 0.",
+	}, gauge(redisUp)))
+	if acting != nil {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "fleet_acting",
+			Help: "1 if this replica holds the fleet's lease (it requeues and moves prompts), else 0.",
+		}, gauge(acting)))
+	}
+}
+
 // FleetServer records one server's state at a fleet poll.
 func (m *Metrics) FleetServer(name string, up bool, pending, running int) {
 	if m.fleetUp == nil {

@@ -34,6 +34,31 @@ func TestRedisFleetReplicas(t *testing.T) {
 	a, b := serve(t, fakes[0], tune, args), serve(t, fakes[0], tune, args)
 	waitFor(t, func() bool { return fleetReady(t, a, fakes) && fleetReady(t, b, fakes) })
 	key := []string{"X-API-Key", submitKey}
+	// Each replica's /health names it, says Redis answers, and exactly
+	// one acts on the fleet's records; the metrics say the same.
+	replica := func(g *gateway) (redis string, acting bool) {
+		_, body := do(t, "GET", g.URL+"/health", nil)
+		var h struct {
+			Replica *struct {
+				ID     string `json:"id"`
+				Redis  string `json:"redis"`
+				Acting bool   `json:"acting"`
+			} `json:"replica"`
+		}
+		if json.Unmarshal(body, &h) != nil || h.Replica == nil || h.Replica.ID == "" {
+			t.Fatalf("/health without the replica: %s", body)
+		}
+		return h.Replica.Redis, h.Replica.Acting
+	}
+	ra, actA := replica(a)
+	rb, actB := replica(b)
+	if ra != "ok" || rb != "ok" || actA == actB {
+		t.Errorf("replicas: redis %q %q, acting %v %v; want ok, ok and exactly one acting", ra, rb, actA, actB)
+	}
+	if _, m := do(t, "GET", a.URL+"/metrics", nil, key...); !strings.Contains(string(m), "comfygate_redis_up 1") ||
+		!strings.Contains(string(m), fmt.Sprintf("comfygate_fleet_acting %d", map[bool]int{false: 0, true: 1}[actA])) {
+		t.Errorf("metrics of replica a lack comfygate_redis_up 1 or comfygate_fleet_acting:\n%s", m)
+	}
 
 	ws, _, err := websocket.Dial(t.Context(), "ws"+strings.TrimPrefix(b.URL, "http")+"/ws?clientId=me",
 		&websocket.DialOptions{HTTPHeader: http.Header{"X-Api-Key": {submitKey}}})
@@ -97,6 +122,12 @@ func TestRedisFleetReplicas(t *testing.T) {
 	if res, _ := do(t, "GET", a.URL+"/api/queue", nil, key...); res.StatusCode != 200 {
 		t.Errorf("GET /queue with Redis down: %d; want 200", res.StatusCode)
 	}
+	redistest.Eventually(t, func(ctx context.Context) error {
+		if r, _ := replica(a); r == "ok" {
+			return errors.New("/health still says Redis is ok")
+		}
+		return nil
+	})
 	rs.Restart()
 	redistest.Eventually(t, func(ctx context.Context) error {
 		res, body := do(t, "POST", b.URL+"/api/prompt", strings.NewReader(fmt.Sprintf(smallPrompt, "me")), key...)

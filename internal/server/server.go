@@ -149,6 +149,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 		})
 		end = s.fleet
 		fh := health.NewFleet(s.fleetStatus, version, cfg.MaxQueue)
+		fh.Replica = s.state.replica(s.fleet.Acting)
 		public = map[string]http.Handler{"/health": fh, "/health/live": fh.Live(), "/health/ready": s.state.ready(fh.Ready())}
 	} else {
 		s.health = health.New(cfg.Upstream, health.Options{
@@ -156,6 +157,7 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			TTL:            cfg.HealthTTL,
 			GatewayVersion: version,
 			Logger:         logger,
+			Replica:        s.state.replica(nil),
 		})
 		s.monitor = health.NewMonitor(s.health, cfg.MetricsInterval, cfg.MaxQueue, s.upstreamChecked)
 		public = map[string]http.Handler{
@@ -163,6 +165,13 @@ func newServer(cfg *config.Config, logger *slog.Logger, version string, auditOut
 			"/health/live":  s.monitor.Live(),
 			"/health/ready": s.state.ready(s.monitor.Ready()),
 		}
+	}
+	if s.state.rdb != nil {
+		var acting func() bool
+		if s.fleet != nil {
+			acting = s.fleet.Acting
+		}
+		s.metrics.EnableReplica(s.state.redisUp, acting)
 	}
 	upstream := end
 	if cfg.MetricsListen == "" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -27,6 +28,11 @@ import (
 // /health/ready says so.
 type state struct {
 	rdb *redis.Client // nil without --redis
+	// redis is the readiness check of rdb, cached for a second, for the
+	// probe, /health and the metrics.
+	redis *health.Dependency
+	// name names this replica in /health: its host name (a pod's name).
+	name string
 }
 
 func newState(cfg *config.Config, s *Server) state {
@@ -34,6 +40,11 @@ func newState(cfg *config.Config, s *Server) state {
 		return state{}
 	}
 	st := state{rdb: redisstate.Open(cfg.Redis, s.log)}
+	st.redis = &health.Dependency{
+		Name:  "Redis (--redis)",
+		Check: func(ctx context.Context) error { return redisstate.Check(ctx, st.rdb, time.Second) },
+	}
+	st.name, _ = os.Hostname()
 	s.log.Info("browser sessions, the lockout, the per-key limits and the fleet's prompt records and sockets are shared in Redis", "redis", cfg.Redis)
 	// Connect now, so that a Redis that is down is in the log from the
 	// start (the client's breaker logs it); the gateway starts anyway and
@@ -95,10 +106,27 @@ func (st state) ready(h http.Handler) http.Handler {
 	if st.rdb == nil {
 		return h
 	}
-	return health.ReadyWith(h, &health.Dependency{
-		Name:  "Redis (--redis)",
-		Check: func(ctx context.Context) error { return redisstate.Check(ctx, st.rdb, time.Second) },
-	})
+	return health.ReadyWith(h, st.redis)
+}
+
+// replica describes this replica for /health: nil without --redis.
+// acting reports whether it holds the fleet's lease (nil: no fleet).
+func (st state) replica(acting func() bool) func(context.Context) *health.Replica {
+	if st.rdb == nil {
+		return nil
+	}
+	return func(ctx context.Context) *health.Replica {
+		rep := &health.Replica{ID: st.name, Redis: "ok", Acting: acting != nil && acting()}
+		if err := st.redis.Err(ctx); err != nil {
+			rep.Redis = err.Error()
+		}
+		return rep
+	}
+}
+
+// redisUp reports whether Redis answered its last check, for the metrics.
+func (st state) redisUp() bool {
+	return st.redis.Err(context.Background()) == nil
 }
 
 func (st state) close() {
