@@ -417,6 +417,13 @@ func (f *Fleet) readBody(w http.ResponseWriter, r *http.Request) ([]byte, error)
 	return b, nil
 }
 
+// finished records that p ended on its server (its request is no longer
+// needed to queue it again).
+func (f *Fleet) finished(ctx context.Context, p Prompt) {
+	p.Done, p.Body, p.Finished = true, nil, time.Now()
+	f.store.Put(ctx, p)
+}
+
 // Missed returns the messages clients missed while the hub's socket to
 // server was down since the given time: for each prompt of server that
 // ended meanwhile, its outputs (executed), its last status message
@@ -498,8 +505,7 @@ func (f *Fleet) Route(server string, msg map[string]any) (clientID, owner string
 		// The end signal: done now, not at the next poll, so that a
 		// server that dies right after is not thought to have died with
 		// it (and the prompt is not run twice).
-		p.Done, p.Body, p.Finished = true, nil, time.Now()
-		f.store.Put(ctx, p)
+		f.finished(ctx, p)
 		if m, ok := f.byName(server); ok {
 			m.ended(sid)
 		}

@@ -48,25 +48,41 @@ type testFleet struct {
 
 func newTestFleet(t *testing.T, opts []comfytest.Options) *testFleet {
 	t.Helper()
-	var specs []upstream.Spec
 	var fakes []*comfytest.Fake
-	for i, o := range opts {
-		fk := comfytest.New(t, o)
-		fakes = append(fakes, fk)
+	for _, o := range opts {
+		fakes = append(fakes, comfytest.New(t, o))
+	}
+	tf := serveFleet(t, specsOf(fakes), fakes, Options{PollInterval: time.Hour, PollTimeout: 2 * time.Second}, nil)
+	tf.Tick(t.Context())
+	return tf
+}
+
+// specsOf names fakes gpu1, gpu2, ... in a pool.
+func specsOf(fakes []*comfytest.Fake) []upstream.Spec {
+	var specs []upstream.Spec
+	for i, fk := range fakes {
 		u, _ := url.Parse(fk.URL())
 		specs = append(specs, upstream.Spec{Name: fmt.Sprintf("gpu%d", i+1), URL: u})
 	}
+	return specs
+}
+
+// serveFleet serves, over loopback, a fleet of the servers of specs (the
+// fakes are those behind them) with a socket hub, relayed to other
+// replicas when relay is not nil. It does not poll yet. opts' Hub,
+// ClientID and Logger are set here.
+func serveFleet(t *testing.T, specs []upstream.Spec, fakes []*comfytest.Fake, opts Options, relay hub.Relay) *testFleet {
+	t.Helper()
 	pool, err := upstream.NewPool(specs, upstream.Options{ResponseHeaderTimeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
+	logger := slog.New(slog.DiscardHandler)
+	p := proxy.New(pool, proxy.Options{Logger: logger})
 	var fl *Fleet
-	h := hub.New(lateRouter{&fl}, hub.Options{Logger: slog.New(slog.DiscardHandler)})
-	fl = New(pool, p, Options{PollInterval: time.Hour, PollTimeout: 2 * time.Second, Logger: slog.New(slog.DiscardHandler),
-		Hub: h, ClientID: h.ID})
-	ctx, cancel := context.WithCancel(context.Background())
-	fl.Tick(ctx)
+	h := hub.New(lateRouter{&fl}, hub.Options{Logger: logger, Relay: relay})
+	opts.Hub, opts.ClientID, opts.Logger = h, h.ID, logger
+	fl = New(pool, p, opts)
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
 		fl.ServeHTTP(w, r.WithContext(ctx))
@@ -74,7 +90,6 @@ func newTestFleet(t *testing.T, opts []comfytest.Options) *testFleet {
 	t.Cleanup(func() {
 		h.Close()
 		srv.Close()
-		cancel()
 		pool.CloseIdleConnections()
 	})
 	return &testFleet{Fleet: fl, URL: srv.URL, fakes: fakes, pool: pool}
@@ -664,21 +679,10 @@ func TestSocketDropLosesNoEnd(t *testing.T) {
 	fk.SetNodeDelay(300 * time.Millisecond)
 	cut := newCutter(t, strings.TrimPrefix(fk.URL(), "http://"))
 	u, _ := url.Parse("http://" + cut.ln.Addr().String())
-	pool, _ := upstream.NewPool([]upstream.Spec{{Name: "gpu1", URL: u}}, upstream.Options{})
-	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
-	var fl *Fleet
-	h := hub.New(lateRouter{&fl}, hub.Options{Logger: slog.New(slog.DiscardHandler)})
-	fl = New(pool, p, Options{PollInterval: time.Hour, Logger: slog.New(slog.DiscardHandler), Hub: h, ClientID: h.ID})
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	fl.Tick(ctx)
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
-		fl.ServeHTTP(w, r.WithContext(ctx))
-	}))
-	defer srv.Close()
-	defer h.Close()
-	tf := &testFleet{Fleet: fl, URL: srv.URL, fakes: []*comfytest.Fake{fk}, pool: pool}
+	tf := serveFleet(t, []upstream.Spec{{Name: "gpu1", URL: u}}, []*comfytest.Fake{fk}, Options{PollInterval: time.Hour}, nil)
+	ctx := t.Context()
+	tf.Tick(ctx)
+	h := tf.opts.Hub
 	if err := fk.WaitSocket(ctx, h.ID); err != nil {
 		t.Fatal(err)
 	}
@@ -686,9 +690,12 @@ func TestSocketDropLosesNoEnd(t *testing.T) {
 	id := tf.queue(t, workflow("drop"))
 	// At the prompt's start, the network between gateway and server drops
 	// for longer than the prompt runs.
-	for m := range ws {
-		if m.typ == "execution_start" {
-			break
+	for started := false; !started; {
+		select {
+		case m := <-ws:
+			started = m.typ == "execution_start"
+		case <-time.After(10 * time.Second):
+			t.Fatal("no execution_start on the client's socket")
 		}
 	}
 	cut.cut(time.Second)
@@ -707,21 +714,9 @@ func TestSocketDropLosesNoEnd(t *testing.T) {
 // joined) still ends on the client's socket, with its output.
 func TestPromptBeforeServerSocket(t *testing.T) {
 	fk := comfytest.New(t, comfytest.Options{})
-	u, _ := url.Parse(fk.URL())
-	pool, _ := upstream.NewPool([]upstream.Spec{{Name: "gpu1", URL: u}}, upstream.Options{})
-	p := proxy.New(pool, proxy.Options{Logger: slog.New(slog.DiscardHandler)})
-	var fl *Fleet
-	h := hub.New(lateRouter{&fl}, hub.Options{Logger: slog.New(slog.DiscardHandler)})
-	fl = New(pool, p, Options{PollInterval: time.Hour, Logger: slog.New(slog.DiscardHandler), Hub: h, ClientID: h.ID})
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
-		fl.ServeHTTP(w, r.WithContext(ctx))
-	}))
-	defer srv.Close()
-	defer h.Close()
-	tf := &testFleet{Fleet: fl, URL: srv.URL, fakes: []*comfytest.Fake{fk}, pool: pool}
+	tf := serveFleet(t, specsOf([]*comfytest.Fake{fk}), []*comfytest.Fake{fk}, Options{PollInterval: time.Hour}, nil)
+	ctx := t.Context()
+	h := tf.opts.Hub
 
 	// No tick yet: the hub has no socket to gpu1, so gpu1 sends the
 	// prompt's messages to nobody.
@@ -731,7 +726,7 @@ func TestPromptBeforeServerSocket(t *testing.T) {
 	if got := fk.Received(h.ID); len(got) != 0 {
 		t.Fatalf("the hub had a socket to gpu1 before the first tick: %d messages", len(got))
 	}
-	fl.Tick(ctx)
+	tf.Tick(ctx)
 	got := untilEnd(t, ws, id)
 	var executed bool
 	for _, m := range got {

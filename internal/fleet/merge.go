@@ -325,43 +325,26 @@ func (f *Fleet) mergeHistory(ctx context.Context, v viewer, as []answer, q url.V
 
 // orderedObject writes entries as one JSON object, in their order.
 func orderedObject(es []historyEntry) ([]byte, error) {
-	var buf bytes.Buffer
-	buf.WriteByte('{')
+	fs := make([]field, len(es))
 	for i, e := range es {
-		if i > 0 {
-			buf.WriteByte(',')
-		}
-		k, _ := json.Marshal(e.id)
 		v, err := json.Marshal(e.entry)
 		if err != nil {
 			return nil, err
 		}
-		buf.Write(k)
-		buf.WriteByte(':')
-		buf.Write(v)
+		fs[i] = field{e.id, v}
 	}
-	buf.WriteByte('}')
-	return buf.Bytes(), nil
+	return writeFields(fs), nil
 }
 
 // objectKeys returns the keys of a JSON object in the order written.
 func objectKeys(b []byte) ([]string, error) {
-	d := json.NewDecoder(bytes.NewReader(b))
-	if _, err := d.Token(); err != nil {
+	fs, err := objectFields(b)
+	if err != nil {
 		return nil, err
 	}
-	var keys []string
-	for d.More() {
-		t, err := d.Token()
-		if err != nil {
-			return nil, err
-		}
-		k, _ := t.(string)
-		keys = append(keys, k)
-		var skip json.RawMessage
-		if err := d.Decode(&skip); err != nil {
-			return nil, err
-		}
+	keys := make([]string, len(fs))
+	for i, f := range fs {
+		keys[i] = f.key
 	}
 	return keys, nil
 }

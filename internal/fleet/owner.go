@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/comfygate/comfygate/internal/jsonerr"
@@ -348,11 +349,7 @@ func (f *Fleet) interruptOne(w http.ResponseWriter, r *http.Request, id string) 
 		}
 	}
 	for _, m := range order {
-		q := f.send(ctx, r, m, http.MethodGet, "/api/queue", nil)
-		var queue struct {
-			Running [][]json.RawMessage `json:"queue_running"`
-		}
-		if q.err != nil || q.status != http.StatusOK || json.Unmarshal(q.body, &queue) != nil || !queueHas(queue.Running, sids[m]) {
+		if q, err := f.readQueue(ctx, r, m); err != nil || !slices.Contains(q.running, sids[m]) {
 			continue
 		}
 		body, _ := json.Marshal(map[string]string{"prompt_id": sids[m]})

@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"slices"
 	"sync"
@@ -81,36 +82,21 @@ func (f *Fleet) poll(ctx context.Context, m *member) {
 	pctx, cancel := context.WithTimeout(ctx, f.opts.PollTimeout)
 	defer cancel()
 	start := time.Now()
-	q := f.send(pctx, nil, m, http.MethodGet, "/api/queue", nil)
-	var queue struct {
-		Running [][]json.RawMessage `json:"queue_running"`
-		Pending [][]json.RawMessage `json:"queue_pending"`
-	}
-	ok := q.err == nil && q.status == http.StatusOK && json.Unmarshal(q.body, &queue) == nil
-	if !ok {
+	queue, err := f.readQueue(pctx, nil, m)
+	if err != nil {
 		m.mu.Lock()
 		m.fails++
 		fails := m.fails
 		m.mu.Unlock()
-		if fails >= downAfter || (q.err != nil && upstream.IsDialError(q.err)) {
+		if fails >= downAfter || upstream.IsDialError(err) {
 			m.u.SetHealthy(false)
 		}
 		return
 	}
-	ids := func(items [][]json.RawMessage) []string {
-		out := make([]string, 0, len(items))
-		for _, it := range items {
-			var id string
-			if len(it) > 1 && json.Unmarshal(it[1], &id) == nil {
-				out = append(out, id)
-			}
-		}
-		return out
-	}
 	st := f.send(pctx, nil, m, http.MethodGet, "/api/system_stats", nil)
 	m.mu.Lock()
 	m.fails = 0
-	m.polledQueue(ids(queue.Running), ids(queue.Pending), start)
+	m.polledQueue(queue.running, queue.pending, start)
 	m.polled = time.Now()
 	if st.err == nil && st.status == http.StatusOK {
 		m.stats = st.body
@@ -200,15 +186,14 @@ func (f *Fleet) reconcile(ctx context.Context, ms []*member, active []Prompt, po
 			var h map[string]map[string]any
 			if decode(a.body, &h) == nil && h[p.ServerID] != nil {
 				f.indexOutputs(ctx, p.Server, h[p.ServerID]["outputs"], p.Owner)
-				p.Done, p.Body, p.Finished = true, nil, time.Now()
-				f.store.Put(ctx, p)
+				f.finished(ctx, p)
 				continue
 			}
 			// Neither queued at the poll nor finished. The poll may have
 			// begun before another replica queued it (whose clock said
 			// otherwise): only a queue read now, after its record was
 			// read, can say it is lost.
-			if queued, ok := f.queuedNow(ctx, m, p.ServerID); queued || !ok {
+			if q, err := f.readQueue(ctx, nil, m); err != nil || q.has(p.ServerID) {
 				continue
 			}
 			if a := f.send(ctx, nil, m, http.MethodGet, "/api/history/"+p.ServerID, nil); a.err != nil || a.status != http.StatusOK ||
@@ -220,18 +205,39 @@ func (f *Fleet) reconcile(ctx context.Context, ms []*member, active []Prompt, po
 	}
 }
 
-// queuedNow reads m's queue and reports whether sid is in it; ok is false
-// when the queue could not be read.
-func (f *Fleet) queuedNow(ctx context.Context, m *member, sid string) (queued, ok bool) {
-	a := f.send(ctx, nil, m, http.MethodGet, "/api/queue", nil)
+// serverQueue is a server's /queue: its own ids of the prompts running
+// and waiting there.
+type serverQueue struct{ running, pending []string }
+
+func (q serverQueue) has(sid string) bool {
+	return slices.Contains(q.running, sid) || slices.Contains(q.pending, sid)
+}
+
+// readQueue reads m's /queue (for the client request in, when not nil).
+// The error is the exchange's, or says the answer was not a queue.
+func (f *Fleet) readQueue(ctx context.Context, in *http.Request, m *member) (serverQueue, error) {
+	a := f.send(ctx, in, m, http.MethodGet, "/api/queue", nil)
+	if a.err != nil {
+		return serverQueue{}, a.err
+	}
 	var queue struct {
 		Running [][]json.RawMessage `json:"queue_running"`
 		Pending [][]json.RawMessage `json:"queue_pending"`
 	}
-	if a.err != nil || a.status != http.StatusOK || json.Unmarshal(a.body, &queue) != nil {
-		return false, false
+	if a.status != http.StatusOK || json.Unmarshal(a.body, &queue) != nil {
+		return serverQueue{}, fmt.Errorf("GET /queue: status %d, not a queue", a.status)
 	}
-	return queueHas(queue.Running, sid) || queueHas(queue.Pending, sid), true
+	ids := func(items [][]json.RawMessage) []string {
+		out := make([]string, 0, len(items))
+		for _, it := range items {
+			var id string
+			if len(it) > 1 && json.Unmarshal(it[1], &id) == nil {
+				out = append(out, id)
+			}
+		}
+		return out
+	}
+	return serverQueue{ids(queue.Running), ids(queue.Pending)}, nil
 }
 
 // leaderLease names the lease of the replica that acts on the records.

@@ -4,20 +4,13 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"net/http"
-	"net/http/httptest"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/comfygate/comfygate/internal/comfytest"
 	"github.com/comfygate/comfygate/internal/hub"
-	"github.com/comfygate/comfygate/internal/proxy"
 	"github.com/comfygate/comfygate/internal/redistest"
-	"github.com/comfygate/comfygate/internal/reqscope"
-	"github.com/comfygate/comfygate/internal/route"
-	"github.com/comfygate/comfygate/internal/upstream"
 )
 
 // newReplica is one gateway replica over fakes, sharing state with the
@@ -26,26 +19,14 @@ import (
 // its lease, as a replica killed with SIGKILL) or the test ends.
 func newReplica(t *testing.T, rs *redistest.Server, fakes []*comfytest.Fake, pollEvery time.Duration) (tf *testFleet, stop func()) {
 	t.Helper()
-	var specs []upstream.Spec
-	for i, fk := range fakes {
-		u, _ := url.Parse(fk.URL())
-		specs = append(specs, upstream.Spec{Name: fmt.Sprintf("gpu%d", i+1), URL: u})
-	}
-	pool, err := upstream.NewPool(specs, upstream.Options{ResponseHeaderTimeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	logger := slog.New(slog.DiscardHandler)
 	rdb := rs.Client(t)
-	p := proxy.New(pool, proxy.Options{Logger: logger})
-	var fl *Fleet
-	h := hub.New(lateRouter{&fl}, hub.Options{Logger: logger, Relay: hub.NewRedisRelay(rdb, "cgtest:", logger)})
-	fl = New(pool, p, Options{PollInterval: pollEvery, PollTimeout: 2 * time.Second, Logger: logger,
-		Hub: h, ClientID: h.ID, Store: NewRedisStore(rdb, "cgtest:", 0), Leases: NewRedisLeases(rdb, "cgtest:")})
-	fl.Tick(context.Background())
+	tf = serveFleet(t, specsOf(fakes), fakes, Options{PollInterval: pollEvery, PollTimeout: 2 * time.Second,
+		Store: NewRedisStore(rdb, "cgtest:", 0), Leases: NewRedisLeases(rdb, "cgtest:")},
+		hub.NewRedisRelay(rdb, "cgtest:", slog.New(slog.DiscardHandler)))
+	tf.Tick(context.Background())
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{}, 2)
-	go func() { h.Run(ctx); done <- struct{}{} }()
+	go func() { tf.opts.Hub.Run(ctx); done <- struct{}{} }()
 	go func() {
 		defer func() { done <- struct{}{} }()
 		t := time.NewTicker(pollEvery)
@@ -55,14 +36,10 @@ func newReplica(t *testing.T, rs *redistest.Server, fakes []*comfytest.Fake, pol
 			case <-ctx.Done():
 				return
 			case <-t.C:
-				fl.Tick(ctx)
+				tf.Tick(ctx)
 			}
 		}
 	}()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ctx := reqscope.NewContext(r.Context(), &reqscope.Scope{Route: route.Classify(r, false)})
-		fl.ServeHTTP(w, r.WithContext(ctx))
-	}))
 	stopped := false
 	stop = func() {
 		if stopped {
@@ -72,12 +49,11 @@ func newReplica(t *testing.T, rs *redistest.Server, fakes []*comfytest.Fake, pol
 		cancel()
 		<-done
 		<-done
-		h.Close()
-		srv.Close()
-		pool.CloseIdleConnections()
+		tf.opts.Hub.Close()
+		tf.pool.CloseIdleConnections()
 	}
 	t.Cleanup(stop)
-	return &testFleet{Fleet: fl, URL: srv.URL, fakes: fakes, pool: pool}, stop
+	return tf, stop
 }
 
 // TestReplicasActAsOne: two replicas over the same servers and Redis. A

@@ -53,15 +53,7 @@ func (f *Fleet) stealFor(ctx context.Context, idle *member, ms []*member) {
 				return
 			}
 			// Only once it is gone from the busy server's queue.
-			q := f.send(ctx, nil, busy, http.MethodGet, "/api/queue", nil)
-			if q.err != nil || q.status != http.StatusOK {
-				return
-			}
-			var queue struct {
-				Running [][]json.RawMessage `json:"queue_running"`
-				Pending [][]json.RawMessage `json:"queue_pending"`
-			}
-			if json.Unmarshal(q.body, &queue) != nil || queueHas(queue.Running, p.ServerID) || queueHas(queue.Pending, p.ServerID) {
+			if q, err := f.readQueue(ctx, nil, busy); err != nil || q.has(p.ServerID) {
 				return
 			}
 			busy.mu.Lock()
@@ -85,14 +77,4 @@ func (f *Fleet) dropStale(ctx context.Context, id, server string) {
 	}
 	p.Stale = slices.DeleteFunc(p.Stale, func(pl Placement) bool { return pl.Server == server })
 	f.store.Put(ctx, p)
-}
-
-func queueHas(items [][]json.RawMessage, sid string) bool {
-	for _, it := range items {
-		var id string
-		if len(it) > 1 && json.Unmarshal(it[1], &id) == nil && id == sid {
-			return true
-		}
-	}
-	return false
 }

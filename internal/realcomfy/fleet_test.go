@@ -4,10 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
-	"net"
-	"net/http"
-	"os"
 	"strconv"
 	"strings"
 	"testing"
@@ -15,49 +11,17 @@ import (
 
 	"github.com/comfygate/comfygate/internal/config"
 	"github.com/comfygate/comfygate/internal/realcomfy"
-	"github.com/comfygate/comfygate/internal/server"
 )
 
 // startFleetGateway runs comfygate in front of servers as a fleet named
 // a, b, ... (the first serves the web UI and user data).
 func startFleetGateway(t *testing.T, servers []*realcomfy.Server) *gateway {
 	t.Helper()
-	key := "cg_rc_" + randomHex(20)
-	keyFile := t.TempDir() + "/keys"
-	if err := os.WriteFile(keyFile, []byte("realcomfy:"+key+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	args := []string{"--api-key-file", keyFile}
+	var args []string
 	for i, s := range servers {
 		args = append(args, "--upstream", fmt.Sprintf("%c=%s", 'a'+i, s.URL))
 	}
-	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
-	if err != nil {
-		t.Fatalf("config: %v", err)
-	}
-	cfg.FleetPollInterval = 500 * time.Millisecond
-	logs := &syncBuffer{}
-	srv, err := server.New(cfg, slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})), "test", logs)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, []net.Listener{ln}, nil) }()
-	g := &gateway{URL: "http://" + ln.Addr().String(), apiKey: key, comfy: servers[0],
-		hc: &http.Client{Transport: &http.Transport{DisableCompression: true}}}
-	t.Cleanup(func() {
-		g.hc.CloseIdleConnections()
-		cancel()
-		<-done
-		if t.Failed() {
-			t.Logf("gateway log:\n%s", logs.tail(80))
-		}
-	})
+	g := serveGateway(t, servers[0], args, func(c *config.Config) { c.FleetPollInterval = 500 * time.Millisecond })
 	// Ready once every server is up and the fleet has read its node list.
 	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		_, b := g.do(t, "GET", "/health", nil)

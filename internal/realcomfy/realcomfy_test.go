@@ -444,15 +444,37 @@ type gateway struct {
 
 func startGateway(t *testing.T, comfy *realcomfy.Server, extraArgs ...string) *gateway {
 	t.Helper()
+	g := serveGateway(t, comfy, append([]string{"--upstream", comfy.URL, "--protect-ws"}, extraArgs...), nil)
+	// Wait for the gateway's first check of ComfyUI.
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		resp, _ := g.do(t, "GET", "/health/ready", nil)
+		if resp.StatusCode == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the gateway never found ComfyUI %s at %s ready", comfy.Version, comfy.URL)
+		}
+	}
+	return g
+}
+
+// serveGateway runs comfygate with args and one API key on a loopback
+// listener; comfy is the server whose log is shown when the test fails.
+// tune, if set, changes the loaded configuration (durations that are not
+// flags).
+func serveGateway(t *testing.T, comfy *realcomfy.Server, args []string, tune func(*config.Config)) *gateway {
+	t.Helper()
 	key := "cg_rc_" + randomHex(20)
 	keyFile := t.TempDir() + "/keys"
 	if err := os.WriteFile(keyFile, []byte("realcomfy:"+key+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	args := append([]string{"--upstream", comfy.URL, "--api-key-file", keyFile, "--protect-ws"}, extraArgs...)
-	cfg, err := config.Load(args, func(string) (string, bool) { return "", false })
+	cfg, err := config.Load(append(args, "--api-key-file", keyFile), func(string) (string, bool) { return "", false })
 	if err != nil {
 		t.Fatalf("config: %v", err)
+	}
+	if tune != nil {
+		tune(cfg)
 	}
 	logs := &syncBuffer{}
 	logger := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -492,16 +514,6 @@ func startGateway(t *testing.T, comfy *realcomfy.Server, extraArgs ...string) *g
 			t.Logf("ComfyUI %s log (%s):\n%s", comfy.Version, comfy.LogPath(), comfy.LogTail(40))
 		}
 	})
-	// Wait for the gateway's first check of ComfyUI.
-	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-		resp, _ := g.do(t, "GET", "/health/ready", nil)
-		if resp.StatusCode == 200 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the gateway never found ComfyUI %s at %s ready", comfy.Version, comfy.URL)
-		}
-	}
 	return g
 }
 

@@ -537,6 +537,14 @@ func (a *agg) writeSummary(b *strings.Builder) {
 	fmt.Fprintf(b, "%s\n", t)
 }
 
+// verdict is a target's result: met, or by how much it was missed.
+func verdict(ok bool, miss string) string {
+	if ok {
+		return "met"
+	}
+	return "**missed** " + miss
+}
+
 // writeGoals10 compares comfygate with the targets of issue 10 (one road
 // through net/http and http.Transport): the figures that matter to
 // ComfyUI users must hold while the CPU per request may rise.
@@ -547,12 +555,6 @@ func (a *agg) writeGoals10(b *strings.Builder) {
 	}
 	fmt.Fprintf(b, "## Against the targets of issue 10\n\n")
 	t := &table{head: []string{"Target", "Measured", "Result"}}
-	verdict := func(ok bool, miss string) string {
-		if ok {
-			return "met"
-		}
-		return "**missed** " + miss
-	}
 	if d := a.find("direct", false); d != nil {
 		x, y := a.get("view8m", cg.Name, "mib_s"), a.get("view8m", d.Name, "mib_s")
 		if x.ok && y.ok {
@@ -585,12 +587,6 @@ func (a *agg) writeGoals(b *strings.Builder) {
 	}
 	fmt.Fprintf(b, "## Against the targets of issue 6\n\n")
 	t := &table{head: []string{"Target", "Measured", "Result"}}
-	verdict := func(ok bool, miss string) string {
-		if ok {
-			return "met"
-		}
-		return "**missed** " + miss
-	}
 	for _, auth := range []bool{false, true} {
 		c := a.find("comfygate", auth)
 		if c == nil {
